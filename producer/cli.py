@@ -1,0 +1,162 @@
+"""The ``batchery`` command. Worker and training subcommands import the worker lazily."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+from producer.errors import BatcheryError
+from producer.settings import Settings
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="batchery",
+        description="Serve an image classifier as a batched job queue on Redis and Celery. "
+        "Redis comes from BATCHERY_REDIS_URL (default redis://localhost:6379/0).",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("worker", help="run a worker: load the model, answer jobs in batches")
+    p.add_argument("--concurrency", type=int, help="worker processes (default: the cores)")
+    p.add_argument("--batch-size", type=int, help="most images in one forward pass (64)")
+    p.add_argument(
+        "--batch-wait-ms", type=float, help="longest wait for a batch to fill, in ms (5)"
+    )
+    p.add_argument(
+        "--model",
+        type=Path,
+        metavar="PATH",
+        help="serve this model version folder (with model.json) as the default",
+    )
+    p.add_argument("--loglevel", default="INFO")
+
+    p = sub.add_parser("submit", help="enqueue images; print one job id per line")
+    p.add_argument("images", nargs="+", metavar="IMAGE")
+    p.add_argument("--model", help="model name (default: the workers' default model)")
+    p.add_argument("--version", help="model version (default: the promoted one)")
+
+    p = sub.add_parser(
+        "result", help="print results as JSON lines; exit 1 if any failed or is still pending"
+    )
+    p.add_argument("job_ids", nargs="+", metavar="JOB_ID")
+    p.add_argument(
+        "--wait",
+        type=float,
+        default=0.0,
+        metavar="SECONDS",
+        help="wait up to this long for the results (default: don't wait)",
+    )
+
+    p = sub.add_parser(
+        "train",
+        help="train the reference CNN on DATA_DIR/<label>/*.png and publish it as a new version",
+    )
+    p.add_argument("data_dir", type=Path, metavar="DATA_DIR")
+    p.add_argument("--name", required=True)
+    p.add_argument("--epochs", type=int, default=30)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--test-dir", type=Path, help="labeled folder to measure test accuracy on")
+
+    p = sub.add_parser("demo", help="classify examples/digits end to end and print the accuracy")
+    p.add_argument("--digits", type=Path, help="folder of <label>_<n>.png images")
+    p.add_argument(
+        "--no-worker",
+        action="store_true",
+        help="use the workers already serving BATCHERY_REDIS_URL",
+    )
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run ``batchery``; return the exit status."""
+    args = _parser().parse_args(argv)
+    try:
+        settings = Settings.from_env()
+        return _COMMANDS[args.command](args, settings)
+    except BatcheryError as exc:
+        print(f"batchery: error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+def _worker(args: argparse.Namespace, settings: Settings) -> int:
+    overrides = {
+        "concurrency": args.concurrency,
+        "batch_size": args.batch_size,
+        "batch_wait_ms": args.batch_wait_ms,
+        "model_path": args.model,
+    }
+    settings = replace(settings, **{k: v for k, v in overrides.items() if v is not None})
+    from worker.app import run_worker
+
+    run_worker(settings, loglevel=args.loglevel)
+    return 0
+
+
+def _submit(args: argparse.Namespace, settings: Settings) -> int:
+    from producer.client import Client
+
+    with Client(settings=settings) as client:
+        ids = client.submit_many(args.images, model=args.model, version=args.version)
+    print("\n".join(ids))
+    return 0
+
+
+def _result(args: argparse.Namespace, settings: Settings) -> int:
+    from producer.client import Client
+    from producer.wire import SUCCESS
+
+    with Client(settings=settings) as client:
+        results = client.results(args.job_ids, timeout=args.wait)
+    for result in results:
+        print(json.dumps(result))
+    return 0 if all(r["status"] == SUCCESS for r in results) else 1
+
+
+def _train(args: argparse.Namespace, settings: Settings) -> int:
+    from producer.registry import Registry
+    from worker.train import train
+
+    info = train(
+        args.data_dir,
+        args.name,
+        Registry(settings.model_dir),
+        epochs=args.epochs,
+        seed=args.seed,
+        test_dir=args.test_dir,
+    )
+    print(
+        json.dumps(
+            {
+                "name": info.name,
+                "version": info.version,
+                "path": str(info.path),
+                "metrics": info.meta.get("metrics", {}),
+            }
+        )
+    )
+    return 0
+
+
+def _demo(args: argparse.Namespace, settings: Settings) -> int:
+    from producer.demo import DEFAULT_DIGITS, run_demo
+
+    run_demo(settings, args.digits or DEFAULT_DIGITS, sys.stdout, start_worker=not args.no_worker)
+    return 0
+
+
+_COMMANDS = {
+    "worker": _worker,
+    "submit": _submit,
+    "result": _result,
+    "train": _train,
+    "demo": _demo,
+}
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,170 @@
+"""The producer's Python API: submit images as jobs, read their results. No TensorFlow here."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import replace
+from typing import Any
+
+import redis
+
+from producer.errors import RedisUnavailableError, ResultTimeoutError
+from producer.images import ImageInput, image_bytes
+from producer.settings import Settings, redact_url
+from producer.wire import (
+    PENDING,
+    Job,
+    decode_result_meta,
+    encode_message,
+    new_job_id,
+    pending_result,
+    result_key,
+)
+
+
+class Client:
+    """Submit classification jobs to Batchery and read their results.
+
+    ``Client(url=None)``: ``url`` defaults to ``BATCHERY_REDIS_URL``. One Redis connection
+    pool per client; a client is safe to share between threads.
+    """
+
+    def __init__(
+        self,
+        url: str | None = None,
+        *,
+        settings: Settings | None = None,
+        redis_client: redis.Redis | None = None,
+    ) -> None:
+        settings = settings or Settings.from_env()
+        if url:
+            settings = replace(settings, redis_url=url)
+        self.settings = settings
+        self._redis = redis_client or redis.Redis.from_url(settings.redis_url)
+
+    def submit(
+        self, image: ImageInput, model: str | None = None, version: str | None = None
+    ) -> str:
+        """Enqueue one image; return its job id.
+
+        ``image`` is a path, encoded bytes (PNG, JPEG, ...), a PIL image or a numpy array.
+        ``model`` and ``version`` default to the workers' default model and its promoted
+        version. Raises :class:`~producer.errors.InvalidImageError` before enqueueing anything
+        if the input can't be sent.
+        """
+        return self.submit_many([image], model=model, version=version)[0]
+
+    def submit_many(
+        self,
+        images: Iterable[ImageInput],
+        model: str | None = None,
+        version: str | None = None,
+    ) -> list[str]:
+        """Enqueue many images in one round trip; return their job ids in input order.
+
+        Every input is checked first: if one can't be sent, nothing is enqueued. Jobs travel
+        ``chunk_size`` to a message; each keeps its own id and its own result.
+        """
+        now = time.time()
+        limit = self.settings.max_image_bytes
+        jobs = [Job(new_job_id(), image_bytes(img, limit), model, version, now) for img in images]
+        if not jobs:
+            return []
+        size = self.settings.chunk_size
+        queue = self.settings.queue
+        messages = [encode_message(jobs[i : i + size], queue) for i in range(0, len(jobs), size)]
+        with self._redis_errors():
+            # One LPUSH of all messages: one round trip, and all or nothing.
+            self._redis.lpush(queue, *messages)
+        return [job.id for job in jobs]
+
+    def result(self, job_id: str, timeout: float | None = None) -> dict[str, Any]:
+        """A job's result dict (see the README).
+
+        With ``timeout`` None or 0, return at once: a job not answered yet comes back with
+        status ``PENDING``. With a timeout, wait up to that many seconds for the answer and
+        raise :class:`~producer.errors.ResultTimeoutError` if it does not come.
+        """
+        key = result_key(job_id)
+        with self._redis_errors():
+            raw = self._redis.get(key)
+            if raw is not None:
+                return decode_result_meta(raw)
+            if not timeout:
+                return pending_result(job_id)
+            raw = self._wait_for(key, time.monotonic() + timeout)
+        if raw is None:
+            raise ResultTimeoutError(f"job {job_id} has no result after {timeout:g} s")
+        return decode_result_meta(raw)
+
+    def results(self, job_ids: Sequence[str], timeout: float | None = None) -> list[dict[str, Any]]:
+        """Many jobs' results in input order, read with MGET.
+
+        Waits up to ``timeout`` seconds for all of them; jobs still unanswered then come back
+        with status ``PENDING`` (this call does not raise on timeout).
+        """
+        found: dict[str, dict[str, Any]] = {}
+        deadline = time.monotonic() + (timeout or 0.0)
+        pause = 0.002
+        with self._redis_errors():
+            while True:
+                waiting = [jid for jid in dict.fromkeys(job_ids) if jid not in found]
+                for start in range(0, len(waiting), 1000):
+                    part = waiting[start : start + 1000]
+                    for jid, raw in zip(
+                        part, self._redis.mget([result_key(j) for j in part]), strict=True
+                    ):
+                        if raw is not None:
+                            found[jid] = decode_result_meta(raw)
+                if len(found) == len(set(job_ids)) or time.monotonic() >= deadline:
+                    break
+                time.sleep(min(pause, max(0.0, deadline - time.monotonic())))
+                pause = min(pause * 2, 0.1)
+        return [found.get(jid) or pending_result(jid) for jid in job_ids]
+
+    def close(self) -> None:
+        """Release the Redis connections."""
+        self._redis.close()
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _wait_for(self, key: str, deadline: float) -> bytes | str | None:
+        """Block until ``key`` is written (Celery's backend publishes on the key's channel)."""
+        pubsub = self._redis.pubsub(ignore_subscribe_messages=True)
+        try:
+            pubsub.subscribe(key)
+            # Subscribed first, read second: a result written in between is not missed.
+            raw = self._redis.get(key)
+            while raw is None:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    return None
+                message = pubsub.get_message(timeout=min(remaining, 1.0))
+                if message and message.get("type") == "message":
+                    raw = message["data"]
+                elif message is None:
+                    # A writer that does not publish is still seen, once a second.
+                    raw = self._redis.get(key)
+            return raw
+        finally:
+            pubsub.close()
+
+    @contextmanager
+    def _redis_errors(self) -> Iterator[None]:
+        try:
+            yield
+        except (redis.ConnectionError, redis.TimeoutError) as exc:
+            raise RedisUnavailableError(
+                f"cannot reach Redis at {redact_url(self.settings.redis_url)}: {exc}"
+            ) from exc
+
+
+def is_pending(result: dict[str, Any]) -> bool:
+    """True if a result dict says the job has no answer yet."""
+    return result.get("status") == PENDING

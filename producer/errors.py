@@ -1,0 +1,39 @@
+"""Every error a Batchery user can see. One hierarchy, one place."""
+
+from __future__ import annotations
+
+
+class BatcheryError(Exception):
+    """Base class of every error Batchery raises on purpose."""
+
+
+class ConfigError(BatcheryError):
+    """A setting (environment variable or flag) has a value Batchery cannot use."""
+
+
+class InvalidImageError(BatcheryError):
+    """An input is not an image Batchery accepts (missing, empty, too big, wrong format)."""
+
+
+class WireError(BatcheryError):
+    """A message or result on the wire cannot be decoded."""
+
+
+class ModelNotFoundError(BatcheryError):
+    """A job or command names a model or version the registry does not hold."""
+
+
+class ModelLoadError(BatcheryError):
+    """A model exists in the registry but cannot be loaded safely."""
+
+
+class BatchContractError(BatcheryError):
+    """A forward pass returned a different number of outputs than it was given inputs."""
+
+
+class ResultTimeoutError(BatcheryError):
+    """A job's result did not arrive within the time the caller was willing to wait."""
+
+
+class RedisUnavailableError(BatcheryError):
+    """Redis cannot be reached at the configured URL."""

@@ -1,0 +1,85 @@
+"""Batchery's settings: one frozen dataclass, read from the environment in one place."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
+
+from producer.errors import ConfigError
+
+#: The repository's own models/ folder: the registry used when BATCHERY_MODEL_DIR is unset.
+DEFAULT_MODEL_DIR = Path(__file__).resolve().parent.parent / "models"
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything Batchery can be configured with. Build it with :meth:`from_env`."""
+
+    redis_url: str = "redis://localhost:6379/0"
+    queue: str = "batchery"
+    model_dir: Path = field(default=DEFAULT_MODEL_DIR)
+    default_model: str = "mnist-cnn"
+    model_path: Path | None = None
+    result_ttl_s: int = 24 * 3600
+    batch_size: int = 64
+    batch_wait_ms: float = 5.0
+    concurrency: int = field(default_factory=lambda: os.cpu_count() or 1)
+    chunk_size: int = 64
+    top_k: int = 3
+    max_image_bytes: int = 10 * 1024 * 1024
+    max_image_pixels: int = 40_000_000
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
+        """Read ``BATCHERY_*`` variables; anything unset keeps its default."""
+        env = os.environ if env is None else env
+        defaults = cls()
+
+        def text(name: str, default: str) -> str:
+            value = env.get(name, "").strip()
+            return value or default
+
+        def number(name: str, default: float, kind: type = int, minimum: float = 1) -> float:
+            raw = env.get(name, "").strip()
+            if not raw:
+                return default
+            try:
+                value = kind(raw)
+            except ValueError as exc:
+                raise ConfigError(f"{name}={raw!r} is not a {kind.__name__}") from exc
+            if value < minimum:
+                raise ConfigError(f"{name}={raw!r} must be at least {minimum}")
+            return value
+
+        return cls(
+            redis_url=text("BATCHERY_REDIS_URL", defaults.redis_url),
+            queue=text("BATCHERY_QUEUE", defaults.queue),
+            model_dir=Path(text("BATCHERY_MODEL_DIR", str(defaults.model_dir))),
+            default_model=text("BATCHERY_DEFAULT_MODEL", defaults.default_model),
+            model_path=Path(env["BATCHERY_MODEL_PATH"]) if env.get("BATCHERY_MODEL_PATH") else None,
+            result_ttl_s=int(number("BATCHERY_RESULT_TTL", defaults.result_ttl_s)),
+            batch_size=int(number("BATCHERY_BATCH_SIZE", defaults.batch_size)),
+            batch_wait_ms=float(
+                number("BATCHERY_BATCH_WAIT_MS", defaults.batch_wait_ms, float, minimum=0)
+            ),
+            concurrency=int(number("BATCHERY_CONCURRENCY", defaults.concurrency)),
+            chunk_size=int(number("BATCHERY_CHUNK_SIZE", defaults.chunk_size)),
+            top_k=int(number("BATCHERY_TOP_K", defaults.top_k)),
+            max_image_bytes=int(number("BATCHERY_MAX_IMAGE_BYTES", defaults.max_image_bytes)),
+            max_image_pixels=int(number("BATCHERY_MAX_IMAGE_PIXELS", defaults.max_image_pixels)),
+        )
+
+
+def redact_url(url: str) -> str:
+    """The URL with any password replaced by ``***``, fit for logs and error messages."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    user = parts.username or ""
+    host = parts.hostname or ""
+    if parts.port:
+        host = f"{host}:{parts.port}"
+    return urlunsplit(parts._replace(netloc=f"{user}:***@{host}"))

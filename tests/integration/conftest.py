@@ -1,0 +1,44 @@
+"""A real redis-server on a free port and a real `batchery worker` process, shared per session."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+
+import pytest
+
+from producer.client import Client
+from producer.local import RedisServer, WorkerProcess
+from producer.settings import Settings
+from tests.factories import digit_paths
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="session")
+def redis_server() -> Iterator[RedisServer]:
+    with RedisServer() as server:
+        yield server
+
+
+@pytest.fixture(scope="session")
+def worker(redis_server: RedisServer) -> Iterator[WorkerProcess]:
+    """Two pool processes, batches of up to 32 gathered for up to 20 ms."""
+    with WorkerProcess(
+        redis_server.url, "--concurrency", "2", "--batch-size", "32", "--batch-wait-ms", "20"
+    ) as proc:
+        client = Client(settings=Settings(redis_url=redis_server.url))
+        job = client.submit(digit_paths(1)[0])
+        deadline = time.monotonic() + 240
+        while client.result(job)["status"] == "PENDING":
+            proc.check_alive()
+            assert time.monotonic() < deadline, "worker did not answer within 240 s"
+            time.sleep(0.2)
+        client.close()
+        yield proc
+
+
+@pytest.fixture
+def client(redis_server: RedisServer, worker: WorkerProcess) -> Iterator[Client]:
+    with Client(settings=Settings(redis_url=redis_server.url)) as c:
+        yield c

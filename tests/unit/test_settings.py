@@ -1,0 +1,55 @@
+from pathlib import Path
+
+import pytest
+
+from producer.errors import ConfigError
+from producer.settings import DEFAULT_MODEL_DIR, Settings, redact_url
+
+
+def test_defaults_without_environment() -> None:
+    s = Settings.from_env({})
+    assert s.redis_url == "redis://localhost:6379/0"
+    assert s.batch_size == 64
+    assert s.model_dir == DEFAULT_MODEL_DIR
+    assert s.model_path is None
+
+
+def test_environment_overrides() -> None:
+    s = Settings.from_env(
+        {
+            "BATCHERY_REDIS_URL": "redis://r:6380/2",
+            "BATCHERY_BATCH_SIZE": "128",
+            "BATCHERY_BATCH_WAIT_MS": "2.5",
+            "BATCHERY_RESULT_TTL": "60",
+            "BATCHERY_MODEL_DIR": "/srv/models",
+            "BATCHERY_MODEL_PATH": "/srv/models/x/3",
+        }
+    )
+    assert (s.redis_url, s.batch_size, s.batch_wait_ms, s.result_ttl_s) == (
+        "redis://r:6380/2",
+        128,
+        2.5,
+        60,
+    )
+    assert s.model_dir == Path("/srv/models")
+    assert s.model_path == Path("/srv/models/x/3")
+
+
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [("BATCHERY_BATCH_SIZE", "lots"), ("BATCHERY_BATCH_SIZE", "0"), ("BATCHERY_RESULT_TTL", "-1")],
+)
+def test_bad_values_are_refused_by_name(name: str, value: str) -> None:
+    with pytest.raises(ConfigError, match=name):
+        Settings.from_env({name: value})
+
+
+def test_settings_are_frozen() -> None:
+    with pytest.raises(AttributeError):
+        Settings().batch_size = 3  # type: ignore[misc]
+
+
+def test_redact_url_hides_password_only() -> None:
+    assert redact_url("redis://user:pw@host:6379/0") == "redis://user:***@host:6379/0"
+    assert redact_url("rediss://:pw@host/1") == "rediss://:***@host/1"
+    assert redact_url("redis://localhost:6379/0") == "redis://localhost:6379/0"
