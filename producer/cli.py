@@ -7,8 +7,10 @@ import json
 import sys
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 from producer.errors import BatcheryError
+from producer.registry import Registry
 from producer.settings import Settings
 
 
@@ -60,6 +62,30 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--epochs", type=int, default=30)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--test-dir", type=Path, help="labeled folder to measure test accuracy on")
+
+    models = sub.add_parser("models", help="the model registry: list, publish, promote, evaluate")
+    msub = models.add_subparsers(dest="models_command", required=True, metavar="ACTION")
+    p = msub.add_parser("list", help="every version of every model")
+    p.add_argument("--json", action="store_true", help="a JSON array, one object per version")
+    p = msub.add_parser("publish", help="add a model file as the next version of NAME")
+    p.add_argument("file", type=Path, metavar="FILE", help=".keras, a SavedModel folder, or .h5")
+    p.add_argument("--name", required=True)
+    p.add_argument("--labels", required=True, help="a comma list, or a file with one a line")
+    p.add_argument(
+        "--trust",
+        action="store_true",
+        help="allow .h5 and models with custom code (Keras safe_mode can't check them)",
+    )
+    p.add_argument("--color-mode", choices=["L", "RGB"], help="default: from the input channels")
+    p.add_argument("--scale", type=float, default=1 / 255.0, help="pixel scale (1/255)")
+    p.add_argument("--offset", type=float, default=0.0, help="added after scaling (0)")
+    p = msub.add_parser("promote", help="serve VERSION of NAME to jobs that name no version")
+    p.add_argument("name", metavar="NAME")
+    p.add_argument("version", metavar="VERSION")
+    p = msub.add_parser("evaluate", help="accuracy and confusion matrix on DATA_DIR/<label>/*")
+    p.add_argument("model", metavar="NAME[@VERSION]")
+    p.add_argument("data_dir", type=Path, metavar="DATA_DIR")
+    p.add_argument("--json", action="store_true")
 
     p = sub.add_parser("demo", help="classify examples/digits end to end and print the accuracy")
     p.add_argument("--digits", type=Path, help="folder of <label>_<n>.png images")
@@ -143,6 +169,55 @@ def _train(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+def _models(args: argparse.Namespace, settings: Settings) -> int:
+    from producer.registry import Registry
+
+    registry = Registry(settings.model_dir)
+    action = args.models_command
+    if action == "list":
+        rows = model_rows(registry)
+        if args.json:
+            print(json.dumps(rows, indent=2))
+        else:
+            for row in rows:
+                accuracy = row.get("metrics", {}).get("test_accuracy")
+                print(
+                    f"{row['name']:<20} {row['version']:>4} {'*' if row['promoted'] else ' '} "
+                    f"{row['sha256'][:12]}  {row['created']:<25} "
+                    f"{'' if accuracy is None else f'test accuracy {accuracy * 100:.1f}%'}"
+                )
+        return 0
+    if action == "promote":
+        registry.promote(args.name, args.version)
+        print(f"promoted {args.name}@{args.version}")
+        return 0
+    from worker.publish import evaluate, publish_model, read_labels
+
+    if action == "publish":
+        info = publish_model(registry, args.file, args.name, read_labels(args.labels),
+                             trust=args.trust, color_mode=args.color_mode, scale=args.scale,
+                             offset=args.offset)  # fmt: skip
+        promoted = registry.promoted(info.name) == info.version
+        print(f"published {info.key}{' (promoted)' if promoted else ''}")
+        return 0
+    name, _, version = args.model.partition("@")
+    result = evaluate(registry.get(name, version or None), args.data_dir)
+    print(json.dumps(result.to_dict()) if args.json else result.table())
+    return 0
+
+
+def model_rows(registry: Registry) -> list[dict[str, Any]]:
+    """One JSON-ready object per version, for ``batchery models list``."""
+    rows: list[dict[str, Any]] = []
+    for name in registry.names():
+        promoted = registry.promoted(name)
+        for version in registry.versions(name):
+            meta = registry.get(name, version).meta
+            rows.append({**meta, "name": name, "version": version,
+                         "promoted": version == promoted})  # fmt: skip
+    return rows
+
+
 def _demo(args: argparse.Namespace, settings: Settings) -> int:
     from producer.demo import DEFAULT_DIGITS, run_demo
 
@@ -155,6 +230,7 @@ _COMMANDS = {
     "submit": _submit,
     "result": _result,
     "train": _train,
+    "models": _models,
     "demo": _demo,
 }
 

@@ -12,6 +12,7 @@ import redis
 
 from producer.errors import RedisUnavailableError, ResultTimeoutError
 from producer.images import ImageInput, image_bytes
+from producer.registry import Registry
 from producer.settings import Settings, redact_url
 from producer.wire import (
     PENDING,
@@ -67,6 +68,8 @@ class Client:
         Every input is checked first: if one can't be sent, nothing is enqueued. Jobs travel
         ``chunk_size`` to a message; each keeps its own id and its own result.
         """
+        if model is not None or version is not None:
+            self._check_model(model, version)
         now = time.time()
         limit = self.settings.max_image_bytes
         jobs = [Job(new_job_id(), image_bytes(img, limit), model, version, now) for img in images]
@@ -79,6 +82,16 @@ class Client:
             # One LPUSH of all messages: one round trip, and all or nothing.
             self._redis.lpush(queue, *messages)
         return [job.id for job in jobs]
+
+    def _check_model(self, model: str | None, version: str | None) -> None:
+        """Refuse an unknown model or version before enqueueing, when the registry is visible.
+
+        A producer on a host without the registry directory skips this; the worker then
+        answers such jobs with the same error.
+        """
+        registry = Registry(self.settings.model_dir)
+        if registry.names():
+            registry.get(model or self.settings.default_model, version)
 
     def result(self, job_id: str, timeout: float | None = None) -> dict[str, Any]:
         """A job's result dict (see the README).

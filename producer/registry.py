@@ -78,6 +78,16 @@ class ModelInfo:
         return cls(name=str(meta["name"]), version=str(meta["version"]), path=path, meta=meta)
 
     @property
+    def format(self) -> str:
+        """``keras``, ``h5`` or ``savedmodel``."""
+        return str(self.meta.get("format", "keras"))
+
+    @property
+    def trusted(self) -> bool:
+        """Published with ``--trust``: loaded without Keras safe_mode."""
+        return bool(self.meta.get("trusted", False))
+
+    @property
     def key(self) -> str:
         """``name@version``."""
         return f"{self.name}@{self.version}"

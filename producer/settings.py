@@ -23,6 +23,8 @@ class Settings:
     model_dir: Path = field(default=DEFAULT_MODEL_DIR)
     default_model: str = "mnist-cnn"
     model_path: Path | None = None
+    max_loaded_models: int = 4
+    model_watch_s: float = 1.0
     result_ttl_s: int = 24 * 3600
     batch_size: int = 64
     batch_wait_ms: float = 5.0
@@ -60,6 +62,10 @@ class Settings:
             model_dir=Path(text("BATCHERY_MODEL_DIR", str(defaults.model_dir))),
             default_model=text("BATCHERY_DEFAULT_MODEL", defaults.default_model),
             model_path=Path(env["BATCHERY_MODEL_PATH"]) if env.get("BATCHERY_MODEL_PATH") else None,
+            max_loaded_models=int(number("BATCHERY_MAX_LOADED_MODELS", defaults.max_loaded_models)),
+            model_watch_s=float(
+                number("BATCHERY_MODEL_WATCH_S", defaults.model_watch_s, float, minimum=0.1)
+            ),
             result_ttl_s=int(number("BATCHERY_RESULT_TTL", defaults.result_ttl_s)),
             batch_size=int(number("BATCHERY_BATCH_SIZE", defaults.batch_size)),
             batch_wait_ms=float(

@@ -17,6 +17,7 @@ import redis
 from celery import Celery, signals
 from celery_batches import Batches
 
+from producer.errors import BatcheryError
 from producer.registry import ModelInfo, Registry
 from producer.settings import Settings, redact_url
 from producer.wire import TASK_CLASSIFY
@@ -29,7 +30,7 @@ _runner: BatchRunner | None = None
 
 
 def runner(settings: Settings) -> BatchRunner:
-    """This process's batch runner, created (and its default model loaded) on first use."""
+    """This process's batch runner, created on first use."""
     global _runner
     if _runner is None:
         threads = max(1, (os.cpu_count() or 1) // max(1, settings.concurrency))
@@ -40,10 +41,21 @@ def runner(settings: Settings) -> BatchRunner:
             settings.batch_size,
             threads=threads,
             pinned=pinned,
+            max_loaded=settings.max_loaded_models,
         )
-        models.get(None, None)
         _runner = BatchRunner(settings, models, redis.Redis.from_url(settings.redis_url))
     return _runner
+
+
+def warm_up(settings: Settings) -> None:
+    """Load the default model before the first job, and start watching for promotions."""
+    models = runner(settings).models
+    try:
+        models.get(None, None)
+    except BatcheryError as exc:
+        # Jobs for it will fail with this reason; the process stays up for other models.
+        log.error("default model not loaded: %s", exc)
+    models.start_watcher(settings.model_watch_s)
 
 
 def create_app(settings: Settings) -> Celery:
@@ -81,7 +93,7 @@ def create_app(settings: Settings) -> Celery:
         runner(settings).run(requests)
 
     def load_models(**_: Any) -> None:
-        runner(settings)
+        warm_up(settings)
 
     signals.worker_process_init.connect(load_models, weak=False)
     return app

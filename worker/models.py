@@ -11,11 +11,12 @@ import os
 import threading
 from collections import OrderedDict
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from producer.errors import BatchContractError, ModelLoadError
+from producer.errors import BatchContractError, BatcheryError, ModelLoadError
 from producer.registry import ModelInfo, Registry, sha256_of
 
 log = logging.getLogger(__name__)
@@ -69,11 +70,48 @@ class LoadedModel:
         return probs
 
 
+def read_model(path: Path, fmt: str, trusted: bool) -> Any:
+    """Deserialize a Keras model: ``.keras`` in safe mode unless trusted; ``.h5`` only if trusted.
+
+    A SavedModel is a graph, not Python: it is wrapped in a ``TFSMLayer``.
+    """
+    tf = tensorflow()
+    if fmt == "h5" and not trusted:
+        raise ModelLoadError(
+            f"{path.name} is a legacy .h5 file: Keras safe_mode cannot check it for code; "
+            "publish it with --trust only if you trust its source"
+        )
+    try:
+        if fmt == "savedmodel":
+            layer = tf.keras.layers.TFSMLayer(str(path), call_endpoint="serving_default")
+            return _SavedModelAdapter(layer, path)
+        return tf.keras.models.load_model(path, compile=False, safe_mode=not trusted)
+    except Exception as exc:
+        if "safe_mode" in str(exc) or "Lambda" in str(exc):
+            raise ModelLoadError(
+                f"{path.name} holds Python code (a Lambda layer) that Keras safe_mode refuses to "
+                "load; publish it with --trust only if you trust its source"
+            ) from exc
+        raise ModelLoadError(f"cannot load {path.name}: {exc}") from exc
+
+
+class _SavedModelAdapter:
+    """Calls a SavedModel's serving endpoint like a Keras model (first output only)."""
+
+    def __init__(self, layer: Any, path: Path) -> None:
+        self.layer = layer
+        self.path = str(path)
+
+    def __call__(self, x: Any, training: bool = False) -> Any:
+        out = self.layer(x)
+        return next(iter(out.values())) if isinstance(out, dict) else out
+
+
 def load(info: ModelInfo, batch_size: int, threads: int | None = None) -> LoadedModel:
     """Verify, load, compile and warm up one model version.
 
     The file's sha256 must match its model.json, and Keras loads it with ``safe_mode=True``
-    (no arbitrary code from the file).
+    unless it was published with ``--trust``.
     """
     if not info.file.exists():
         raise ModelLoadError(f"{info.key}: model file {info.file} is missing")
@@ -85,9 +123,9 @@ def load(info: ModelInfo, batch_size: int, threads: int | None = None) -> Loaded
         )
     tf = tensorflow(threads)
     try:
-        model = tf.keras.models.load_model(info.file, compile=False, safe_mode=True)
-    except Exception as exc:
-        raise ModelLoadError(f"{info.key}: cannot load {info.file.name}: {exc}") from exc
+        model = read_model(info.file, info.format, info.trusted)
+    except ModelLoadError as exc:
+        raise ModelLoadError(f"{info.key}: {exc}") from exc
 
     spec = tf.TensorSpec([None, *info.input_shape], tf.float32)
 
@@ -104,7 +142,12 @@ def load(info: ModelInfo, batch_size: int, threads: int | None = None) -> Loaded
 
 
 class ModelCache:
-    """The models one worker process serves, loaded on first use and kept loaded."""
+    """The models one worker process serves: loaded on first use, at most ``max_loaded`` kept.
+
+    Jobs that name no version get the promoted one. A watcher thread notices a new promotion,
+    loads and warms the new version in the background, and only then switches new jobs to it;
+    a batch already running keeps the model it resolved.
+    """
 
     def __init__(
         self,
@@ -113,13 +156,19 @@ class ModelCache:
         batch_size: int,
         threads: int | None = None,
         pinned: ModelInfo | None = None,
+        max_loaded: int = 4,
     ) -> None:
         self.registry = registry
         self.default_model = pinned.name if pinned else default_model
         self.batch_size = batch_size
         self.threads = threads
+        self.max_loaded = max(1, max_loaded)
         self._pinned = pinned
         self._loaded: OrderedDict[str, LoadedModel] = OrderedDict()
+        self._promoted: dict[str, str] = {}
+        self._lock = threading.RLock()
+        self._watcher: threading.Thread | None = None
+        self._stop = threading.Event()
 
     def resolve(self, name: str | None, version: str | None) -> ModelInfo:
         """The registry entry a job's (model, version) means; ModelNotFoundError if none."""
@@ -127,13 +176,66 @@ class ModelCache:
         pinned = self._pinned
         if pinned and name == pinned.name and version in (None, pinned.version):
             return pinned
+        if version is None:
+            with self._lock:
+                version = self._promoted.get(name)
+            if version is None:
+                version = self.registry.promoted(name)
+                with self._lock:
+                    self._promoted.setdefault(name, version)
         return self.registry.get(name, version)
 
     def get(self, name: str | None, version: str | None) -> LoadedModel:
         """The loaded model for a job's (model, version), loading it if needed."""
-        info = self.resolve(name, version)
-        loaded = self._loaded.get(info.key)
-        if loaded is None:
-            loaded = load(info, self.batch_size, self.threads)
+        return self._ensure_loaded(self.resolve(name, version))
+
+    def loaded_keys(self) -> list[str]:
+        """``name@version`` of the models in memory, least recently used first."""
+        with self._lock:
+            return list(self._loaded)
+
+    def _ensure_loaded(self, info: ModelInfo) -> LoadedModel:
+        with self._lock:
+            loaded = self._loaded.get(info.key)
+            if loaded is not None:
+                self._loaded.move_to_end(info.key)
+                return loaded
+        loaded = load(info, self.batch_size, self.threads)
+        with self._lock:
             self._loaded[info.key] = loaded
+            self._loaded.move_to_end(info.key)
+            while len(self._loaded) > self.max_loaded:
+                evicted, _ = self._loaded.popitem(last=False)
+                log.info("unloaded %s (keeping %d models)", evicted, self.max_loaded)
         return loaded
+
+    def refresh(self) -> None:
+        """Load newly promoted versions of the models in use, then switch jobs to them."""
+        with self._lock:
+            current = dict(self._promoted)
+        for name, version in current.items():
+            try:
+                promoted = self.registry.promoted(name)
+                if promoted != version:
+                    self._ensure_loaded(self.registry.get(name, promoted))
+                    with self._lock:
+                        self._promoted[name] = promoted
+                    log.info("serving %s@%s (was %s)", name, promoted, version)
+            except BatcheryError as exc:
+                log.error("cannot switch %s to its promoted version: %s", name, exc)
+
+    def start_watcher(self, interval_s: float) -> None:
+        """Check for promotions every ``interval_s`` seconds in a daemon thread."""
+        if self._watcher is not None or self._pinned is not None:
+            return
+
+        def watch() -> None:
+            while not self._stop.wait(interval_s):
+                self.refresh()
+
+        self._watcher = threading.Thread(target=watch, name="batchery-model-watcher", daemon=True)
+        self._watcher.start()
+
+    def stop_watcher(self) -> None:
+        """Stop the watcher thread."""
+        self._stop.set()

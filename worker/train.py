@@ -158,7 +158,7 @@ def train(
         .map(lambda x, y: (augment(x, training=True), y))
     )
     model = build_model(len(data.labels))
-    model.fit(batches, epochs=epochs, verbose=2)
+    model.fit(batches, epochs=epochs, verbose=2, shuffle=False)  # shuffled above
 
     metrics: dict[str, Any] = {}
     if test_dir is not None:

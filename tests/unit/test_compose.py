@@ -58,3 +58,9 @@ def test_image_installs_the_worker_and_runs_unprivileged() -> None:
     dockerfile = (ROOT / "Dockerfile").read_text()
     assert re.search(r"pip install .*\.\[worker\]", dockerfile)
     assert re.search(r"^USER\s+(?!root)\S+", dockerfile, re.M)
+
+
+def test_workers_share_the_model_registry() -> None:
+    worker = compose()["services"]["worker"]
+    assert "./models:/app/models" in worker["volumes"]
+    assert "ENV BATCHERY_MODEL_DIR=/app/models" in (ROOT / "Dockerfile").read_text()
