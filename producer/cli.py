@@ -54,6 +54,32 @@ def _parser() -> argparse.ArgumentParser:
     )
 
     p = sub.add_parser(
+        "classify",
+        help="classify files, folders, globs or @lists into a .jsonl or .csv file, resumable",
+    )
+    p.add_argument(
+        "paths",
+        nargs="+",
+        metavar="PATH",
+        help="a file, a directory (recursive), a glob, or @list.txt",
+    )
+    p.add_argument(
+        "-o", "--output", required=True, type=Path, metavar="OUT",
+        help="rows go here: .jsonl or .csv (path, job_id, status, label, score, error)",
+    )  # fmt: skip
+    p.add_argument("--model", metavar="NAME[@VERSION]")
+    p.add_argument("--resume", action="store_true", help="skip paths already in OUT")
+    p.add_argument(
+        "--unordered", action="store_true",
+        help="write rows as they complete instead of in input order",
+    )  # fmt: skip
+    p.add_argument("--window", type=int, default=4096, help="most jobs in flight (4096)")
+    p.add_argument(
+        "--keep-results", action="store_true",
+        help="leave each result in Redis too (default: deleted once written to OUT)",
+    )  # fmt: skip
+
+    p = sub.add_parser(
         "train",
         help="train the reference CNN on DATA_DIR/<label>/*.png and publish it as a new version",
     )
@@ -144,6 +170,22 @@ def _result(args: argparse.Namespace, settings: Settings) -> int:
     return 0 if all(r["status"] == SUCCESS for r in results) else 1
 
 
+def _classify(args: argparse.Namespace, settings: Settings) -> int:
+    from producer.bulk import classify
+    from producer.client import Client
+
+    name, _, version = (args.model or "").partition("@")
+    with Client(settings=settings) as client:
+        summary = classify(client, args.paths, args.output, model=name or None,
+                           version=version or None, resume=args.resume,
+                           ordered=not args.unordered, window=args.window,
+                           keep_results=args.keep_results)  # fmt: skip
+    print(summary.line(), file=sys.stderr)
+    if summary.interrupted:
+        return 130
+    return 1 if summary.counts.get("FAILURE") else 0
+
+
 def _train(args: argparse.Namespace, settings: Settings) -> int:
     from producer.registry import Registry
     from worker.train import train
@@ -229,6 +271,7 @@ _COMMANDS = {
     "worker": _worker,
     "submit": _submit,
     "result": _result,
+    "classify": _classify,
     "train": _train,
     "models": _models,
     "demo": _demo,

@@ -69,21 +69,49 @@ class Client:
         ``chunk_size`` to a message; each keeps its own id and its own result.
         """
         if model is not None or version is not None:
-            self._check_model(model, version)
+            self.check_model(model, version)
         now = time.time()
         limit = self.settings.max_image_bytes
         jobs = [Job(new_job_id(), image_bytes(img, limit), model, version, now) for img in images]
-        if not jobs:
-            return []
-        size = self.settings.chunk_size
-        queue = self.settings.queue
-        messages = [encode_message(jobs[i : i + size], queue) for i in range(0, len(jobs), size)]
-        with self._redis_errors():
-            # One LPUSH of all messages: one round trip, and all or nothing.
-            self._redis.lpush(queue, *messages)
+        self.enqueue(jobs)
         return [job.id for job in jobs]
 
-    def _check_model(self, model: str | None, version: str | None) -> None:
+    def enqueue(self, jobs: Sequence[Job]) -> None:
+        """Push already checked jobs, ``chunk_size`` to a message, in one LPUSH (all or none)."""
+        if not jobs:
+            return
+        size = self.settings.chunk_size
+        queue = self.settings.queue
+        messages = [
+            encode_message(list(jobs[i : i + size]), queue) for i in range(0, len(jobs), size)
+        ]
+        with self._redis_errors():
+            self._redis.lpush(queue, *messages)
+
+    def fetch(
+        self, job_ids: Sequence[str], forget: Sequence[str] = ()
+    ) -> dict[str, dict[str, Any]]:
+        """The results stored so far for ``job_ids`` (one MGET, no waiting).
+
+        ``forget``: result keys to delete in the same round trip (jobs already collected).
+        """
+        if not job_ids and not forget:
+            return {}
+        with self._redis_errors(), self._redis.pipeline(transaction=False) as pipe:
+            if forget:
+                pipe.unlink(*(result_key(j) for j in forget))
+            if job_ids:
+                pipe.mget([result_key(j) for j in job_ids])
+            replies = pipe.execute()
+        if not job_ids:
+            return {}
+        return {
+            jid: decode_result_meta(raw)
+            for jid, raw in zip(job_ids, replies[-1], strict=True)
+            if raw is not None
+        }
+
+    def check_model(self, model: str | None, version: str | None) -> None:
         """Refuse an unknown model or version before enqueueing, when the registry is visible.
 
         A producer on a host without the registry directory skips this; the worker then
@@ -121,20 +149,14 @@ class Client:
         found: dict[str, dict[str, Any]] = {}
         deadline = time.monotonic() + (timeout or 0.0)
         pause = 0.002
-        with self._redis_errors():
-            while True:
-                waiting = [jid for jid in dict.fromkeys(job_ids) if jid not in found]
-                for start in range(0, len(waiting), 1000):
-                    part = waiting[start : start + 1000]
-                    for jid, raw in zip(
-                        part, self._redis.mget([result_key(j) for j in part]), strict=True
-                    ):
-                        if raw is not None:
-                            found[jid] = decode_result_meta(raw)
-                if len(found) == len(set(job_ids)) or time.monotonic() >= deadline:
-                    break
-                time.sleep(min(pause, max(0.0, deadline - time.monotonic())))
-                pause = min(pause * 2, 0.1)
+        while True:
+            waiting = [jid for jid in dict.fromkeys(job_ids) if jid not in found]
+            for start in range(0, len(waiting), 1000):
+                found.update(self.fetch(waiting[start : start + 1000]))
+            if len(found) == len(set(job_ids)) or time.monotonic() >= deadline:
+                break
+            time.sleep(min(pause, max(0.0, deadline - time.monotonic())))
+            pause = min(pause * 2, 0.1)
         return [found.get(jid) or pending_result(jid) for jid in job_ids]
 
     def close(self) -> None:

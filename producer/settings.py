@@ -29,7 +29,7 @@ class Settings:
     batch_size: int = 64
     batch_wait_ms: float = 5.0
     concurrency: int = field(default_factory=lambda: os.cpu_count() or 1)
-    chunk_size: int = 64
+    chunk_size: int = 256
     top_k: int = 3
     max_image_bytes: int = 10 * 1024 * 1024
     max_image_pixels: int = 40_000_000

@@ -1,7 +1,7 @@
 """The Celery app a worker runs, built from settings, and ``batchery worker``'s entry point.
 
 Each pool process loads its models once, after the fork (``worker_process_init``), warms them
-up, then takes batches. celery-batches gathers single messages into batches in the parent
+up, then takes batches. ``worker.batching`` gathers messages into batches in the parent
 process; the batch runs in a pool process.
 """
 
@@ -15,12 +15,12 @@ from typing import Any
 
 import redis
 from celery import Celery, signals
-from celery_batches import Batches
 
 from producer.errors import BatcheryError
 from producer.registry import ModelInfo, Registry
 from producer.settings import Settings, redact_url
 from producer.wire import TASK_CLASSIFY
+from worker.batching import BATCH_DONE, DynamicBatches
 from worker.models import ModelCache
 from worker.tasks import BatchRunner, RequestLike
 
@@ -83,14 +83,16 @@ def create_app(settings: Settings) -> Celery:
     )
 
     @app.task(
-        base=Batches,
+        base=DynamicBatches,
         name=TASK_CLASSIFY,
         flush_every=settings.batch_size,
         flush_interval=max(settings.batch_wait_ms, 0.5) / 1000.0,
+        pool_slots=settings.concurrency,
         ignore_result=True,
     )
-    def classify(requests: Sequence[RequestLike]) -> None:
+    def classify(requests: Sequence[RequestLike]) -> str:
         runner(settings).run(requests)
+        return BATCH_DONE
 
     def load_models(**_: Any) -> None:
         warm_up(settings)

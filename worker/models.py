@@ -187,6 +187,14 @@ class ModelCache:
 
     def get(self, name: str | None, version: str | None) -> LoadedModel:
         """The loaded model for a job's (model, version), loading it if needed."""
+        name = name or self.default_model
+        with self._lock:
+            # The hot path: a loaded version needs no registry read.
+            key = f"{name}@{version or self._promoted.get(name)}"
+            loaded = self._loaded.get(key)
+            if loaded is not None:
+                self._loaded.move_to_end(key)
+                return loaded
         return self._ensure_loaded(self.resolve(name, version))
 
     def loaded_keys(self) -> list[str]:

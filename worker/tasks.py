@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import time
 from collections import defaultdict
-from collections.abc import Iterable, Sequence
+from collections.abc import Collection, Iterable, Sequence
 from typing import Any, Protocol
 
 import numpy as np
@@ -63,7 +63,7 @@ class BatchRunner:
                 ids = job_ids_in(request.kwargs)
                 results.extend(JobResult.failure(jid, f"malformed message: {exc}") for jid in ids)
         results.extend(self.classify(jobs))
-        self.store(results)
+        self.store(results, quiet={job.id for job in jobs if not job.notify})
         return results
 
     def classify(self, jobs: Sequence[Job]) -> list[JobResult]:
@@ -105,7 +105,7 @@ class BatchRunner:
         if not ready:
             return
         try:
-            probs = model.predict(np.stack(inputs))
+            probs = model.predict(preprocess.normalize(np.stack(inputs), info))
         except Exception as exc:
             log.exception("forward pass of %s failed for %d jobs", info.key, len(ready))
             for job in ready:
@@ -113,8 +113,11 @@ class BatchRunner:
             return
         yield from postprocess(model, ready, probs, self.settings.top_k)
 
-    def store(self, results: Sequence[JobResult]) -> None:
-        """Write every result, publish it to waiting clients and count it: one pipeline."""
+    def store(self, results: Sequence[JobResult], quiet: Collection[str] = ()) -> None:
+        """Write every result, publish it to waiting clients and count it: one pipeline.
+
+        Results of ``quiet`` jobs are written but not published.
+        """
         if not results:
             return
         ttl = self.settings.result_ttl_s
@@ -123,7 +126,8 @@ class BatchRunner:
             for result in results:
                 key, meta = result_key(result.job_id), encode_result_meta(result)
                 pipe.set(key, meta, ex=ttl)
-                pipe.publish(key, meta)
+                if result.job_id not in quiet:
+                    pipe.publish(key, meta)
             pipe.hincrby(STATS_KEY, "done", len(results) - failed)
             pipe.hincrby(STATS_KEY, "failed", failed)
             pipe.hincrby(STATS_KEY, "batches", 1)

@@ -89,7 +89,7 @@ def load_folder(data_dir: Path, spec: ModelInfo, labels: list[str] | None = None
                 ys.append(index)
     if not xs:
         raise InvalidImageError(f"{data_dir}: no images found")
-    return Dataset(np.stack(xs), np.asarray(ys, np.int64), labels)
+    return Dataset(preprocess.normalize(np.stack(xs), spec), np.asarray(ys, np.int64), labels)
 
 
 def build_model(n_classes: int, input_shape: tuple[int, int, int] = INPUT_SHAPE) -> Any:

@@ -7,7 +7,12 @@ from PIL import Image
 from producer.errors import InvalidImageError
 from producer.registry import Registry
 from tests.factories import big_rgb_jpeg, digit_image, digit_paths, encode, truncated_png
-from worker.preprocess import decode
+from worker import preprocess
+
+
+def decode(data: bytes, info, max_bytes: int, max_pixels: int) -> np.ndarray:
+    return preprocess.normalize(preprocess.decode(data, info, max_bytes, max_pixels), info)
+
 
 ROOT = Path(__file__).resolve().parents[2]
 INFO = Registry(ROOT / "models").get("mnist-cnn")
@@ -42,7 +47,7 @@ def test_transparent_background_becomes_black() -> None:
         (b"", "empty"),
         (b"definitely not an image", "cannot decode"),
         (truncated_png(digit_paths(1)[0]), "cannot decode"),
-        (encode(Image.new("L", (8, 8)), "GIF"), "GIF is not accepted"),
+        (encode(Image.new("L", (8, 8)), "GIF"), "not one of BMP, JPEG, PNG, WEBP"),
     ],
     ids=["empty", "garbage", "truncated", "gif"],
 )
@@ -57,3 +62,11 @@ def test_limits_are_enforced_before_decoding() -> None:
         decode(big, INFO, 10**7, 999_999)
     with pytest.raises(InvalidImageError, match="over the limit of 10"):
         decode(big, INFO, 10, 10**9)
+
+
+def test_decode_gives_uint8_pixels_and_normalize_scales_a_batch() -> None:
+    path = digit_paths(1)[0]
+    pixels = preprocess.decode(path.read_bytes(), INFO, *LIMITS)
+    assert pixels.dtype == np.uint8 and pixels.shape == (28, 28, 1)
+    batch = preprocess.normalize(np.stack([pixels, pixels]), INFO)
+    assert batch.dtype == np.float32 and batch.shape == (2, 28, 28, 1) and batch.max() <= 1.0

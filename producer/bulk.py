@@ -1,0 +1,319 @@
+"""``batchery classify``: a whole folder (or a million files) through the queue, resumable.
+
+The producer streams paths, packs their file bytes into chunk messages, keeps a bounded
+window of jobs in flight (backpressure), collects answers with MGET and streams rows out as
+they complete. Memory stays flat however many files there are: paths are never all held,
+the window is bounded, and ``--resume`` remembers finished paths as 8-byte hashes.
+"""
+
+from __future__ import annotations
+
+import csv
+import glob
+import hashlib
+import json
+import os
+import sys
+import time
+from collections import Counter, OrderedDict
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from itertools import islice
+from pathlib import Path
+from typing import IO, Any
+
+import numpy as np
+from tqdm import tqdm
+
+from producer.client import Client
+from producer.errors import BatcheryError, InvalidImageError
+from producer.images import IMAGE_EXTENSIONS, check_image_bytes
+from producer.wire import FAILURE, Job, new_job_id
+
+COLUMNS = ("path", "job_id", "status", "label", "score", "error")
+
+#: Answers are looked for among the oldest jobs in flight, this many at a time: jobs finish
+#: roughly in the order they were sent, so the head of the window is where answers are.
+POLL = 512
+
+
+# --- inputs ---------------------------------------------------------------------------------
+
+
+def iter_inputs(specs: Iterable[str]) -> Iterator[str]:
+    """Image paths named by ``specs``, streamed: files, directories (recursive, sorted),
+    globs, and ``@list.txt`` files of one path a line."""
+    for spec in specs:
+        if spec.startswith("@"):
+            with open(spec[1:], encoding="utf-8") as listing:
+                for line in listing:
+                    if line.strip():
+                        yield line.strip()
+        elif os.path.isdir(spec):
+            yield from _walk(spec)
+        elif glob.has_magic(spec):
+            for match in glob.iglob(spec, recursive=True):
+                if os.path.isdir(match):
+                    yield from _walk(match)
+                else:
+                    yield match
+        else:
+            yield spec  # a file, or a missing one whose row will say so
+
+
+def _walk(root: str) -> Iterator[str]:
+    for folder, dirs, files in os.walk(root):
+        dirs.sort()
+        for name in sorted(files):
+            if os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS:
+                yield os.path.join(folder, name)
+
+
+def count_inputs(specs: Iterable[str]) -> int:
+    """How many paths :func:`iter_inputs` will yield (a walk, holding nothing)."""
+    return sum(1 for _ in iter_inputs(specs))
+
+
+# --- output ---------------------------------------------------------------------------------
+
+
+def _path_hash(path: str) -> int:
+    return int.from_bytes(hashlib.blake2b(path.encode(), digest_size=8).digest(), "little")
+
+
+class DonePaths:
+    """Paths already in an output file, as a sorted array of 64-bit hashes (8 bytes a path)."""
+
+    def __init__(self, paths: Iterable[str]) -> None:
+        self._hashes = np.sort(np.fromiter((_path_hash(p) for p in paths), np.uint64))
+
+    def __len__(self) -> int:
+        return len(self._hashes)
+
+    def __contains__(self, path: object) -> bool:
+        if not isinstance(path, str) or not len(self._hashes):
+            return False
+        h = np.uint64(_path_hash(path))
+        i = int(np.searchsorted(self._hashes, h))
+        return i < len(self._hashes) and self._hashes[i] == h
+
+
+def _repair_tail(out: Path) -> None:
+    """Drop a last line cut short by an interrupted run, so appended rows start clean."""
+    with out.open("rb+") as fh:
+        fh.seek(0, os.SEEK_END)
+        size = fh.tell()
+        if size == 0:
+            return
+        back = min(size, 1 << 16)
+        fh.seek(size - back)
+        tail = fh.read()
+        if tail.endswith(b"\n"):
+            return
+        cut = tail.rfind(b"\n")
+        fh.truncate(size - back + cut + 1 if cut >= 0 else 0)
+
+
+class RowWriter:
+    """Rows to a ``.jsonl`` or ``.csv`` file, appended and flushed as they come."""
+
+    def __init__(self, out: Path, resume: bool) -> None:
+        suffix = out.suffix.lower()
+        if suffix not in (".jsonl", ".csv"):
+            raise BatcheryError(f"{out}: the output must end in .jsonl or .csv")
+        self.csv = suffix == ".csv"
+        existing = resume and out.exists() and out.stat().st_size > 0
+        if existing:
+            _repair_tail(out)
+        self.done = DonePaths(self._read_paths(out) if existing else ())
+        self._fh: IO[str] = out.open("a" if resume else "w", encoding="utf-8", newline="")
+        self._csv = csv.writer(self._fh) if self.csv else None
+        if self._csv is not None and not (existing and out.stat().st_size > 0):
+            self._csv.writerow(COLUMNS)
+        self._last_flush = time.monotonic()
+
+    def _read_paths(self, out: Path) -> Iterator[str]:
+        with out.open(encoding="utf-8", newline="") as fh:
+            if self.csv:
+                reader = csv.reader(fh)
+                next(reader, None)
+                yield from (row[0] for row in reader if row)
+            else:
+                yield from (json.loads(line)["path"] for line in fh if line.strip())
+
+    def write(self, row: dict[str, Any]) -> None:
+        """Append one row; flushed to disk at least twice a second."""
+        if self._csv is not None:
+            self._csv.writerow(["" if row[c] is None else row[c] for c in COLUMNS])
+        else:
+            self._fh.write(json.dumps({c: row[c] for c in COLUMNS}) + "\n")
+        now = time.monotonic()
+        if now - self._last_flush > 0.5:
+            self._fh.flush()
+            self._last_flush = now
+
+    def close(self) -> None:
+        """Flush and close."""
+        self._fh.close()
+
+
+# --- the run --------------------------------------------------------------------------------
+
+
+@dataclass
+class Summary:
+    """What a classify run did."""
+
+    counts: Counter[str] = field(default_factory=Counter)
+    skipped: int = 0
+    elapsed_s: float = 0.0
+    interrupted: bool = False
+
+    @property
+    def total(self) -> int:
+        """Rows written by this run."""
+        return sum(self.counts.values())
+
+    def line(self) -> str:
+        """One line for the terminal."""
+        rate = self.total / self.elapsed_s if self.elapsed_s else 0.0
+        counts = ", ".join(f"{k} {v}" for k, v in sorted(self.counts.items())) or "nothing"
+        skipped = f", skipped {self.skipped} already done" if self.skipped else ""
+        stop = " (interrupted: run again with --resume)" if self.interrupted else ""
+        return (
+            f"classified {self.total}: {counts}{skipped} in {self.elapsed_s:.1f} s, "
+            f"{rate:,.0f} img/s{stop}"
+        )
+
+
+def _row(path: str, job_id: str, result: dict[str, Any]) -> dict[str, Any]:
+    return {"path": path, "job_id": job_id, "status": result["status"],
+            "label": result.get("label"), "score": result.get("score"),
+            "error": result.get("error")}  # fmt: skip
+
+
+def classify(
+    client: Client,
+    specs: list[str],
+    out: Path,
+    model: str | None = None,
+    version: str | None = None,
+    resume: bool = False,
+    ordered: bool = True,
+    window: int = 4096,
+    progress: IO[str] | None = sys.stderr,
+    keep_results: bool = False,
+) -> Summary:
+    """Classify every image ``specs`` name into ``out``; see the module docstring."""
+    if model is not None or version is not None:
+        client.check_model(model, version)
+    writer = RowWriter(Path(out), resume)
+    summary = Summary()
+    started = time.monotonic()
+    total = count_inputs(specs)
+    bar = tqdm(total=total, unit="img", file=progress, disable=progress is None,
+               dynamic_ncols=True, smoothing=0.05)  # fmt: skip
+    chunk = client.settings.chunk_size
+    limit = client.settings.max_image_bytes
+    # In flight, in input order: key -> (path, job id). A refused input has no job id; its
+    # answer is known at once, and its row still comes in its place.
+    inflight: OrderedDict[str, tuple[str, str]] = OrderedDict()
+    answered: dict[str, dict[str, Any]] = {}
+    collected: list[str] = []
+    paths = iter_inputs(specs)
+    exhausted = False
+    try:
+        pause = 0.0005
+        while not exhausted or inflight:
+            # Fill the window, up to ``window`` jobs in flight, pushed 16 chunks a round trip.
+            jobs: list[Job] = []
+            while not exhausted and len(inflight) < window:
+                path = next(paths, None)
+                if path is None:
+                    exhausted = True
+                elif path in writer.done:
+                    summary.skipped += 1
+                    bar.update(1)
+                else:
+                    try:
+                        data = read_checked(path, limit)
+                        job = Job(new_job_id(), data, model, version, time.time(), notify=False)
+                    except (OSError, InvalidImageError) as exc:
+                        key = new_job_id()
+                        inflight[key] = (path, "")
+                        answered[key] = {"status": FAILURE, "error": _reason(exc, path)}
+                        continue
+                    jobs.append(job)
+                    inflight[job.id] = (path, job.id)
+                    if len(jobs) >= chunk * 16:
+                        client.enqueue(jobs)
+                        jobs = []
+            client.enqueue(jobs)
+
+            # Collect the oldest waiting answers with one MGET, forgetting those written out.
+            waiting = [key for key in islice(inflight, POLL) if key not in answered]
+            found = client.fetch(waiting, forget=[] if keep_results else collected)
+            answered.update(found)
+
+            # Emit rows: in input order, or as they come.
+            ready = (
+                _ordered_ready(inflight, answered)
+                if ordered
+                else [key for key in answered if key in inflight]
+            )
+            collected = []
+            for key in ready:
+                path, job_id = inflight.pop(key)
+                result = answered.pop(key)
+                writer.write(_row(path, job_id, result))
+                summary.counts[result["status"]] += 1
+                bar.update(1)
+                if job_id:
+                    collected.append(job_id)
+            if found and len(found) >= len(waiting) // 2:
+                pause = 0.0005  # answers are flowing: look again at once
+            else:
+                time.sleep(pause)
+                pause = 0.0005 if found else min(pause * 2, 0.01)
+        if collected and not keep_results:
+            client.fetch([], forget=collected)
+    except KeyboardInterrupt:
+        summary.interrupted = True
+    finally:
+        bar.close()
+        writer.close()
+        summary.elapsed_s = time.monotonic() - started
+    return summary
+
+
+def read_checked(path: str, limit: int) -> bytes:
+    """A file's bytes, if it is an image within the byte limit (checked before reading)."""
+    with open(path, "rb") as fh:
+        size = os.fstat(fh.fileno()).st_size
+        if size > limit:
+            raise InvalidImageError(
+                f"{path}: {size} bytes is over the limit of {limit} bytes "
+                "(BATCHERY_MAX_IMAGE_BYTES)"
+            )
+        data = fh.read()
+    check_image_bytes(data, path, limit)
+    return data
+
+
+def _ordered_ready(
+    inflight: OrderedDict[str, tuple[str, str]], answered: dict[str, Any]
+) -> list[str]:
+    ready = []
+    for key in inflight:
+        if key not in answered:
+            break
+        ready.append(key)
+    return ready
+
+
+def _reason(exc: Exception, path: str) -> str:
+    if isinstance(exc, FileNotFoundError):
+        return f"{path}: no such file"
+    if isinstance(exc, IsADirectoryError):
+        return f"{path}: is a directory"
+    return str(exc)
