@@ -113,6 +113,17 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("data_dir", type=Path, metavar="DATA_DIR")
     p.add_argument("--json", action="store_true")
 
+    p = sub.add_parser("bench", help="measure Batchery against the usual ways (a table, a chart)")
+    p.add_argument("--model", choices=["reference", "mobilenet"], default="reference")
+    p.add_argument("--images", type=int, help="files to classify (20000; mobilenet 500)")
+    p.add_argument("--workers", type=int, help="worker processes (default: the cores)")
+    p.add_argument(
+        "--chart",
+        type=Path,
+        default=Path("bench-results.png"),
+        help="where the PNG chart goes (needs matplotlib)",
+    )
+
     p = sub.add_parser("demo", help="classify examples/digits end to end and print the accuracy")
     p.add_argument("--digits", type=Path, help="folder of <label>_<n>.png images")
     p.add_argument(
@@ -260,6 +271,16 @@ def model_rows(registry: Registry) -> list[dict[str, Any]]:
     return rows
 
 
+def _bench(args: argparse.Namespace, settings: Settings) -> int:
+    import os
+
+    from bench.run import run_bench
+
+    images = args.images or (20000 if args.model == "reference" else 500)
+    run_bench(args.model, images, args.workers or os.cpu_count() or 1, args.chart)
+    return 0
+
+
 def _demo(args: argparse.Namespace, settings: Settings) -> int:
     from producer.demo import DEFAULT_DIGITS, run_demo
 
@@ -274,6 +295,7 @@ _COMMANDS = {
     "classify": _classify,
     "train": _train,
     "models": _models,
+    "bench": _bench,
     "demo": _demo,
 }
 

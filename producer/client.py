@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
@@ -15,7 +16,6 @@ from producer.images import ImageInput, image_bytes
 from producer.registry import Registry
 from producer.settings import Settings, redact_url
 from producer.wire import (
-    PENDING,
     Job,
     decode_result_meta,
     encode_message,
@@ -23,6 +23,9 @@ from producer.wire import (
     pending_result,
     result_key,
 )
+
+#: Connections a client may open: one per thread for commands, one per waiting thread.
+MAX_CONNECTIONS = 2048
 
 
 class Client:
@@ -43,7 +46,14 @@ class Client:
         if url:
             settings = replace(settings, redis_url=url)
         self.settings = settings
-        self._redis = redis_client or redis.Redis.from_url(settings.redis_url)
+        # Each thread waiting on a result holds a subscriber connection: room for many threads.
+        self._redis = redis_client or redis.Redis.from_url(
+            settings.redis_url, max_connections=MAX_CONNECTIONS
+        )
+        self._outbox: list[_Ticket] = []
+        self._pushing = False
+        self._outbox_ready = threading.Condition()
+        self._local = threading.local()
 
     def submit(
         self, image: ImageInput, model: str | None = None, version: str | None = None
@@ -77,14 +87,45 @@ class Client:
         return [job.id for job in jobs]
 
     def enqueue(self, jobs: Sequence[Job]) -> None:
-        """Push already checked jobs, ``chunk_size`` to a message, in one LPUSH (all or none)."""
+        """Push already checked jobs, ``chunk_size`` to a message, in one LPUSH (all or none).
+
+        Group commit: while one thread's push is on the wire, jobs other threads enqueue wait
+        and then leave together in the next push, packed into shared messages. Many
+        concurrent submitters cost the queue a few messages instead of one each; a lone
+        submitter pushes at once.
+        """
         if not jobs:
             return
+        ticket = _Ticket(list(jobs))
+        with self._outbox_ready:
+            self._outbox.append(ticket)
+            while not ticket.sent:
+                if not self._pushing:
+                    self._pushing = True
+                    batch, self._outbox = self._outbox, []
+                    break
+                self._outbox_ready.wait()
+            else:
+                if ticket.error is not None:
+                    raise ticket.error
+                return
+        error: BaseException | None = None
+        try:
+            self._push([job for t in batch for job in t.jobs])
+        except BaseException as exc:
+            error = exc
+        with self._outbox_ready:
+            for t in batch:
+                t.sent, t.error = True, error
+            self._pushing = False
+            self._outbox_ready.notify_all()
+        if error is not None:
+            raise error
+
+    def _push(self, jobs: list[Job]) -> None:
         size = self.settings.chunk_size
         queue = self.settings.queue
-        messages = [
-            encode_message(list(jobs[i : i + size]), queue) for i in range(0, len(jobs), size)
-        ]
+        messages = [encode_message(jobs[i : i + size], queue) for i in range(0, len(jobs), size)]
         with self._redis_errors():
             self._redis.lpush(queue, *messages)
 
@@ -161,6 +202,9 @@ class Client:
 
     def close(self) -> None:
         """Release the Redis connections."""
+        pubsub = getattr(self._local, "pubsub", None)
+        if pubsub is not None:
+            pubsub.close()
         self._redis.close()
 
     def __enter__(self) -> Client:
@@ -170,10 +214,17 @@ class Client:
         self.close()
 
     def _wait_for(self, key: str, deadline: float) -> bytes | str | None:
-        """Block until ``key`` is written (Celery's backend publishes on the key's channel)."""
-        pubsub = self._redis.pubsub(ignore_subscribe_messages=True)
+        """Block until ``key`` is written (Celery's backend publishes on the key's channel).
+
+        Each thread keeps one subscriber connection open across calls: connecting per call
+        would cost more than the wait.
+        """
+        pubsub = getattr(self._local, "pubsub", None)
+        if pubsub is None:
+            pubsub = self._local.pubsub = self._redis.pubsub(ignore_subscribe_messages=True)
+        channel = key.encode()
+        pubsub.subscribe(key)
         try:
-            pubsub.subscribe(key)
             # Subscribed first, read second: a result written in between is not missed.
             raw = self._redis.get(key)
             while raw is None:
@@ -182,13 +233,14 @@ class Client:
                     return None
                 message = pubsub.get_message(timeout=min(remaining, 1.0))
                 if message and message.get("type") == "message":
-                    raw = message["data"]
+                    if message.get("channel") == channel:
+                        raw = message["data"]
                 elif message is None:
                     # A writer that does not publish is still seen, once a second.
                     raw = self._redis.get(key)
             return raw
         finally:
-            pubsub.close()
+            pubsub.unsubscribe(key)
 
     @contextmanager
     def _redis_errors(self) -> Iterator[None]:
@@ -200,6 +252,12 @@ class Client:
             ) from exc
 
 
-def is_pending(result: dict[str, Any]) -> bool:
-    """True if a result dict says the job has no answer yet."""
-    return result.get("status") == PENDING
+class _Ticket:
+    """Jobs waiting in a client's outbox for a group push."""
+
+    __slots__ = ("error", "jobs", "sent")
+
+    def __init__(self, jobs: list[Job]) -> None:
+        self.jobs = jobs
+        self.sent = False
+        self.error: BaseException | None = None

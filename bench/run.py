@@ -1,0 +1,413 @@
+"""``batchery bench``: one Redis, one model, the same images and worker count, six ways.
+
+(a) the tutorial way: one Celery task per image calling ``model.predict``;
+(b) celery-batches, flush_every=64, one task per image, results read by MGET;
+(c) Batchery online: single jobs from 64 concurrent submitters (and, as c1, one at a time
+    on an idle worker: the latency of a lone job);
+(d) Batchery bulk: ``batchery classify`` over the files on disk;
+(e) the limit: the same model called in-process on the same decoded images, same batch size;
+(f) Ray Serve with ``@serve.batch`` over HTTP, when ray[serve] is installed.
+"""
+
+from __future__ import annotations
+
+import base64
+import importlib
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import redis
+from PIL import Image
+
+from producer.client import Client
+from producer.local import RedisServer, WorkerProcess
+from producer.registry import ModelInfo, Registry
+from producer.settings import Settings
+
+ROOT = Path(__file__).resolve().parent.parent
+DIGITS = ROOT / "examples" / "digits"
+
+
+@dataclass
+class Row:
+    """One line of the table."""
+
+    name: str
+    images: int
+    seconds: float
+    latencies: list[float] | None = None
+    note: str = ""
+
+    @property
+    def rate(self) -> float:
+        """Images per second."""
+        return self.images / self.seconds if self.seconds else 0.0
+
+    def percentile(self, q: float) -> float | None:
+        """Latency percentile in ms, if latencies were measured."""
+        if not self.latencies:
+            return None
+        return float(np.percentile(self.latencies, q) * 1000)
+
+
+# --- set-up -----------------------------------------------------------------------------------
+
+
+def make_images(folder: Path, n: int, model: str) -> list[Path]:
+    """``n`` image files: the example digits, or for mobilenet 224x224 RGB JPEGs of them."""
+    sources = sorted(DIGITS.glob("*.png"))
+    paths = []
+    for i in range(n):
+        sub = folder / f"{i // 1000:04d}"
+        sub.mkdir(parents=True, exist_ok=True)
+        src = sources[i % len(sources)]
+        if model == "reference":
+            path = sub / f"{i:07d}.png"
+            shutil.copyfile(src, path)
+        else:
+            path = sub / f"{i:07d}.jpg"
+            if i < len(sources):
+                with Image.open(src) as img:
+                    img.convert("RGB").resize((224, 224), Image.Resampling.BICUBIC).save(
+                        path, quality=90
+                    )
+            else:
+                shutil.copyfile(sub.parent / "0000" / f"{i % len(sources):07d}.jpg", path)
+        paths.append(path)
+    return paths
+
+
+def model_folder(model: str, workdir: Path) -> tuple[Registry, ModelInfo]:
+    """A registry holding the model under test."""
+    if model == "reference":
+        registry = Registry(Settings().model_dir)
+        return registry, registry.get("mnist-cnn")
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    import tensorflow as tf
+
+    registry = Registry(workdir / "models")
+    net = tf.keras.applications.MobileNetV2(
+        input_shape=(224, 224, 3), weights=None, classes=10
+    )  # random weights: the model, not the queue, is the cost
+    file = workdir / "mobilenet.keras"
+    net.save(file)
+    info = registry.publish(
+        file, "mobilenet", [str(d) for d in range(10)], (224, 224, 3), "RGB", 1 / 127.5, -1.0
+    )
+    return registry, info
+
+
+@contextmanager
+def celery_worker(url: str, queue: str, workers: int, model: ModelInfo) -> Iterator[None]:
+    """A stock ``celery worker`` for the baselines, stopped afterwards."""
+    env = {**os.environ, "BATCHERY_REDIS_URL": url, "BENCH_MODEL_PATH": str(model.path)}
+    log = open(tempfile.mkstemp(prefix="bench-celery-", suffix=".log")[1], "wb")  # noqa: SIM115
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "celery", "-A", "bench.baselines:app", "worker", "-Q", queue,
+         "-c", str(workers), "--loglevel", "WARNING", "-n", f"{queue}@%h", "--without-mingle",
+         "--without-gossip"],
+        env=env, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT, start_new_session=True,
+    )  # fmt: skip
+    try:
+        yield
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, 9)
+        log.close()
+
+
+def wait_ready(probe: Callable[[], bool], what: str, timeout: float = 300) -> None:
+    """Poll ``probe`` until it is true."""
+    deadline = time.monotonic() + timeout
+    while not probe():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{what} did not start within {timeout:g} s")
+        time.sleep(0.2)
+
+
+# --- the variants ---------------------------------------------------------------------------
+
+
+def run_tutorial(url: str, paths: list[Path], workers: int, info: ModelInfo) -> Row:
+    """(a) one task per image, model.predict, AsyncResult.get() per result."""
+    from bench.baselines import app
+
+    app.conf.broker_url = app.conf.result_backend = url
+    encoded = [base64.b64encode(p.read_bytes()).decode() for p in paths]
+    with celery_worker(url, "bench-a", workers, info):
+        warm = app.send_task("bench.tutorial", (encoded[0],), queue="bench-a")
+        warm.get(timeout=300)
+        started = time.perf_counter()
+        sent = [(time.perf_counter(), app.send_task("bench.tutorial", (e,), queue="bench-a"))
+                for e in encoded]  # fmt: skip
+        latencies = []
+        for at, result in sent:
+            result.get(timeout=600)
+            latencies.append(time.perf_counter() - at)
+        seconds = time.perf_counter() - started
+    return Row("(a) tutorial: task per image, model.predict", len(paths), seconds, latencies)
+
+
+def run_batches(url: str, paths: list[Path], workers: int, info: ModelInfo) -> Row:
+    """(b) celery-batches flush_every=64, one task per image, results read by MGET."""
+    from bench.baselines import app
+
+    app.conf.broker_url = app.conf.result_backend = url
+    encoded = [base64.b64encode(p.read_bytes()).decode() for p in paths]
+    r = redis.Redis.from_url(url)
+    with celery_worker(url, "bench-b", workers, info):
+        app.send_task("bench.batches", (encoded[0],), queue="bench-b").get(timeout=300)
+        started = time.perf_counter()
+        sent_at: dict[str, float] = {}
+        for e in encoded:
+            sent_at[app.send_task("bench.batches", (e,), queue="bench-b").id] = time.perf_counter()
+        latencies = _collect_by_mget(r, sent_at)
+        seconds = time.perf_counter() - started
+    return Row("(b) celery-batches, flush_every=64", len(paths), seconds, latencies)
+
+
+def _collect_by_mget(r: redis.Redis, sent_at: dict[str, float]) -> list[float]:
+    waiting = list(sent_at)
+    latencies = []
+    while waiting:
+        values = r.mget([f"celery-task-meta-{i}" for i in waiting[:2000]])
+        now = time.perf_counter()
+        done = {i for i, v in zip(waiting[:2000], values, strict=True) if v is not None}
+        latencies += [now - sent_at[i] for i in done]
+        waiting = [i for i in waiting if i not in done]
+        if not done:
+            time.sleep(0.002)
+    return latencies
+
+
+def run_online(client: Client, paths: list[Path], submitters: int) -> Row:
+    """(c) single jobs from ``submitters`` concurrent threads, each submit then wait."""
+    data = [p.read_bytes() for p in paths]
+    latencies: list[float] = []
+    lock = threading.Lock()
+    per_thread = len(data) // submitters
+
+    errors: list[BaseException] = []
+
+    def submitter(k: int) -> None:
+        mine = []
+        try:
+            for j in range(per_thread):
+                at = time.perf_counter()
+                job = client.submit(data[(k * per_thread + j) % len(data)])
+                if client.result(job, timeout=120)["status"] != "SUCCESS":
+                    raise RuntimeError(f"job {job} failed")
+                mine.append(time.perf_counter() - at)
+        except BaseException as exc:
+            errors.append(exc)
+        with lock:
+            latencies.extend(mine)
+
+    threads = [threading.Thread(target=submitter, args=(k,)) for k in range(submitters)]
+    started = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    seconds = time.perf_counter() - started
+    if errors:
+        raise RuntimeError(f"{len(errors)} submitters failed, first: {errors[0]!r}")
+    name = f"(c) Batchery online, {submitters} concurrent submitters"
+    return Row(name, len(latencies), seconds, latencies)
+
+
+def run_lone(client: Client, paths: list[Path], n: int = 200) -> Row:
+    """(c1) one job at a time on an idle worker: submit to result."""
+    data = paths[0].read_bytes()
+    latencies = []
+    started = time.perf_counter()
+    for _ in range(n):
+        at = time.perf_counter()
+        client.result(client.submit(data), timeout=60)
+        latencies.append(time.perf_counter() - at)
+        time.sleep(0.005)  # idle between jobs
+    busy = sum(latencies)
+    return Row("(c1) Batchery, one job at a time (idle worker)", n, busy, latencies,
+               note=f"{time.perf_counter() - started:.1f} s wall with pauses")  # fmt: skip
+
+
+def run_bulk(url: str, folder: Path, n: int, env: dict[str, str]) -> tuple[Row, int]:
+    """(d) `batchery classify` over the files; returns the row and the producer's peak RSS."""
+    out = folder.parent / "bulk.jsonl"
+    cmd = [sys.executable, "-m", "producer.cli", "classify", str(folder), "-o", str(out)]
+    started = time.perf_counter()
+    proc = subprocess.Popen(cmd, env={**env, "BATCHERY_REDIS_URL": url},
+                            stderr=subprocess.PIPE, text=True, cwd=ROOT)  # fmt: skip
+    peak = 0
+    while proc.poll() is None:
+        peak = max(peak, peak_rss(proc.pid))
+        time.sleep(0.05)
+    seconds = time.perf_counter() - started
+    stderr = proc.stderr.read() if proc.stderr else ""
+    if proc.returncode != 0:
+        raise RuntimeError(f"classify failed: {stderr[-2000:]}")
+    rows = sum(1 for _ in out.open())
+    summary = stderr.strip().splitlines()[-1]
+    return Row("(d) Batchery bulk: classify files on disk", rows, seconds,
+               note=f"incl. start-up; {summary.split(' in ')[-1]}"), peak  # fmt: skip
+
+
+def run_limit(paths: list[Path], info: ModelInfo, batch_size: int, threads: int) -> Row:
+    """(e) the model in-process on the decoded images, ``batch_size`` at a time."""
+    from worker import preprocess
+    from worker.models import load
+
+    pixels = np.stack([preprocess.decode(p.read_bytes(), info, 1 << 30, 1 << 30) for p in paths])
+    inputs = preprocess.normalize(pixels, info)
+    model = load(info, batch_size, threads=threads)
+    started = time.perf_counter()
+    model.predict(inputs)
+    seconds = time.perf_counter() - started
+    return Row(f"(e) the limit: in-process, batch {batch_size}, {threads} threads",
+               len(paths), seconds)  # fmt: skip
+
+
+def peak_rss(pid: int) -> int:
+    """A process's peak resident memory so far, in bytes (0 once it is gone)."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
+def worker_peak_rss(worker: WorkerProcess) -> int:
+    """The largest peak RSS among a worker's processes."""
+    if worker.process is None:
+        return 0
+    pids = [worker.process.pid]
+    children = Path(f"/proc/{worker.process.pid}/task/{worker.process.pid}/children")
+    if children.exists():
+        pids += [int(p) for p in children.read_text().split()]
+    return max(peak_rss(p) for p in pids)
+
+
+# --- the whole run --------------------------------------------------------------------------
+
+
+def run_bench(model: str, images: int, workers: int, chart: Path | None,
+              out: Callable[[str], None] = print) -> list[Row]:  # fmt: skip
+    """Run every variant and print the table; write the chart if matplotlib is there."""
+    workdir = Path(tempfile.mkdtemp(prefix="batchery-bench-"))
+    rows: list[Row] = []
+    try:
+        out(f"preparing {images} {model} images in {workdir} ...")
+        folder = workdir / "images"
+        paths = make_images(folder, images, model)
+        registry, info = model_folder(model, workdir)
+        small = paths[: min(len(paths), 300 if model == "reference" else 60)]
+        medium = paths[: min(len(paths), 5000 if model == "reference" else 500)]
+        batch = 64 if model == "reference" else 16
+        with RedisServer() as server:
+            url = server.url
+            out("(a) ...")
+            rows.append(run_tutorial(url, small, workers, info))
+            out("(b) ...")
+            rows.append(run_batches(url, medium, workers, info))
+            env = {**os.environ, "BATCHERY_MODEL_DIR": str(registry.root),
+                   "BATCHERY_DEFAULT_MODEL": info.name}  # fmt: skip
+            settings = Settings(redis_url=url, model_dir=registry.root, default_model=info.name)
+            worker = WorkerProcess(url, "--concurrency", str(workers), "--batch-size",
+                                   str(batch), env=env).start()  # fmt: skip
+            try:
+                client = Client(settings=settings)
+                wait_ready(lambda: client.result(client.submit(paths[0]), timeout=300) is not None,
+                           "batchery worker")  # fmt: skip
+                out("(c) ...")
+                rows.append(run_lone(client, paths, 200 if model == "reference" else 30))
+                rows.append(run_online(client, medium, 64))
+                out("(d) ...")
+                bulk, producer_rss = run_bulk(url, folder, images, env)
+                rows.append(bulk)
+                worker_rss = worker_peak_rss(worker)
+                client.close()
+            finally:
+                worker.stop()
+            rows[-1].note += (f"; peak RSS producer {producer_rss / 2**20:.0f} MiB, "
+                              f"worker process {worker_rss / 2**20:.0f} MiB")  # fmt: skip
+            out("(e) ...")
+            rows.append(run_limit(medium, info, batch, threads=os.cpu_count() or 1))
+            ray = run_ray(medium, info, batch, workers)
+            if ray is not None:
+                rows.append(ray)
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+    out(table(rows, model, workers))
+    if chart is not None:
+        draw_chart(rows, model, workers, chart, out)
+    return rows
+
+
+def run_ray(paths: list[Path], info: ModelInfo, batch: int, workers: int) -> Row | None:
+    """(f) Ray Serve, when installed (``pip install 'batchery[ray]'``)."""
+    try:
+        ray_serve = importlib.import_module("bench.ray_serve")
+    except ImportError:
+        return None
+    row: Row = ray_serve.run(paths, info, batch, workers)
+    return row
+
+
+def table(rows: list[Row], model: str, workers: int) -> str:
+    """The results as a Markdown table, with the machine they ran on."""
+    base = rows[0].rate or 1.0
+    lines = [
+        f"model {model}, {workers} worker processes, {os.cpu_count()} cores "
+        f"({platform.processor() or platform.machine()}), Python {platform.python_version()}",
+        "",
+        "| way | images | img/s | p50 ms | p99 ms | speedup vs (a) | note |",
+        "|---|---:|---:|---:|---:|---:|---|",
+    ]
+    for r in rows:
+        p50, p99 = r.percentile(50), r.percentile(99)
+        lines.append(
+            f"| {r.name} | {r.images} | {r.rate:,.0f} | "
+            f"{'' if p50 is None else f'{p50:.1f}'} | {'' if p99 is None else f'{p99:.1f}'} | "
+            f"{r.rate / base:,.1f}x | {r.note} |"
+        )
+    return "\n".join(lines)
+
+
+def draw_chart(rows: list[Row], model: str, workers: int, path: Path,
+               out: Callable[[str], None]) -> None:  # fmt: skip
+    """A bar chart of img/s (needs matplotlib: ``pip install 'batchery[bench]'``)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        out("(no chart: matplotlib is not installed; pip install 'batchery[bench]')")
+        return
+    fig, ax = plt.subplots(figsize=(9, 0.6 * len(rows) + 1.2))
+    names = [r.name.split(":")[0] if len(r.name) > 40 else r.name for r in rows]
+    rates = [r.rate for r in rows]
+    bars = ax.barh(names[::-1], rates[::-1], color="#4a7ab5")
+    ax.bar_label(bars, labels=[f"{v:,.0f}" for v in rates[::-1]], padding=3)
+    ax.set_xlabel("images per second (log scale)")
+    ax.set_xscale("log")
+    ax.set_title(f"batchery bench: {model}, {workers} workers, {os.cpu_count()} cores")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    out(f"chart: {path}")

@@ -1,0 +1,59 @@
+"""`batchery bench`'s machinery on a few images: every way runs and answers every image.
+
+Speed is reported by `batchery bench`, never asserted here.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from bench.run import (
+    make_images,
+    run_batches,
+    run_bulk,
+    run_limit,
+    run_lone,
+    run_online,
+    run_tutorial,
+    table,
+    worker_peak_rss,
+)
+from producer.client import Client
+from producer.registry import Registry
+from producer.settings import Settings
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
+    return make_images(tmp_path_factory.mktemp("bench") / "images", 120, "reference")
+
+
+def test_every_way_answers_every_image(redis_server, worker, client: Client, images) -> None:
+    info = Registry(Settings().model_dir).get("mnist-cnn")
+    rows = [
+        run_tutorial(redis_server.url, images[:10], 1, info),
+        run_batches(redis_server.url, images[:100], 1, info),
+        run_lone(client, images, 10),
+        run_online(client, images, 8),
+    ]
+    bulk, producer_rss = run_bulk(redis_server.url, images[0].parent.parent, len(images), {})
+    rows += [bulk, run_limit(images, info, 64, threads=1)]
+    assert [r.images for r in rows] == [10, 100, 10, 120, 120, 120]
+    assert all(r.seconds > 0 and r.rate > 0 for r in rows)
+    assert len(rows[0].latencies or []) == 10 and len(rows[1].latencies or []) == 100
+    assert 20_000_000 < producer_rss < 1_000_000_000
+    assert worker_peak_rss(worker) > 100_000_000  # TensorFlow and a model are loaded
+    text = table(rows, "reference", 1)
+    assert text.count("\n| (") == 6 and "| way | images | img/s | p50 ms | p99 ms |" in text
+
+
+def test_mobilenet_images_are_224_rgb_jpegs(tmp_path) -> None:
+    from PIL import Image
+
+    paths = make_images(tmp_path, 3, "mobilenet")
+    with Image.open(paths[0]) as img:
+        assert (img.format, img.mode, img.size) == ("JPEG", "RGB", (224, 224))
