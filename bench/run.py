@@ -306,11 +306,25 @@ def worker_peak_rss(worker: WorkerProcess) -> int:
 # --- the whole run --------------------------------------------------------------------------
 
 
+class _Rows(list[Row]):
+    """Rows that print themselves as they come (a long run shows progress)."""
+
+    def __init__(self, out: Callable[[str], None]) -> None:
+        super().__init__()
+        self.out = out
+
+    def append(self, row: Row) -> None:
+        super().append(row)
+        p50 = row.percentile(50)
+        self.out(f"  {row.name}: {row.images} images, {row.rate:,.1f} img/s"
+                 + ("" if p50 is None else f", p50 {p50:.1f} ms"))  # fmt: skip
+
+
 def run_bench(model: str, images: int, workers: int, chart: Path | None,
               out: Callable[[str], None] = print) -> list[Row]:  # fmt: skip
     """Run every variant and print the table; write the chart if matplotlib is there."""
     workdir = Path(tempfile.mkdtemp(prefix="batchery-bench-"))
-    rows: list[Row] = []
+    rows = _Rows(out)
     try:
         out(f"preparing {images} {model} images in {workdir} ...")
         folder = workdir / "images"

@@ -113,6 +113,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("data_dir", type=Path, metavar="DATA_DIR")
     p.add_argument("--json", action="store_true")
 
+    p = sub.add_parser("status", help="queue depth, in flight, workers alive, done, failed")
+    p.add_argument("--json", action="store_true")
+
     p = sub.add_parser("bench", help="measure Batchery against the usual ways (a table, a chart)")
     p.add_argument("--model", choices=["reference", "mobilenet"], default="reference")
     p.add_argument("--images", type=int, help="files to classify (20000; mobilenet 500)")
@@ -271,6 +274,16 @@ def model_rows(registry: Registry) -> list[dict[str, Any]]:
     return rows
 
 
+def _status(args: argparse.Namespace, settings: Settings) -> int:
+    from producer.client import Client
+    from producer.status import collect, render
+
+    with Client(settings=settings) as client:
+        status = client.retrying(lambda: collect(client))
+    print(json.dumps(status) if args.json else render(status))
+    return 0
+
+
 def _bench(args: argparse.Namespace, settings: Settings) -> int:
     import os
 
@@ -295,6 +308,7 @@ _COMMANDS = {
     "classify": _classify,
     "train": _train,
     "models": _models,
+    "status": _status,
     "bench": _bench,
     "demo": _demo,
 }

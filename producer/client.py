@@ -4,21 +4,22 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import replace
-from typing import Any
+from typing import Any, TypeVar
 
 import redis
 
-from producer.errors import RedisUnavailableError, ResultTimeoutError
+from producer import ledger
+from producer.errors import QueueFullError, RedisUnavailableError, ResultTimeoutError
 from producer.images import ImageInput, image_bytes
 from producer.registry import Registry
 from producer.settings import Settings, redact_url
 from producer.wire import (
     Job,
+    build_message,
     decode_result_meta,
-    encode_message,
     new_job_id,
     pending_result,
     result_key,
@@ -125,9 +126,24 @@ class Client:
     def _push(self, jobs: list[Job]) -> None:
         size = self.settings.chunk_size
         queue = self.settings.queue
-        messages = [encode_message(jobs[i : i + size], queue) for i in range(0, len(jobs), size)]
-        with self._redis_errors():
-            self._redis.lpush(queue, *messages)
+        messages = [build_message(jobs[i : i + size], queue) for i in range(0, len(jobs), size)]
+        limit = self.settings.max_queue
+        check_after = self.settings.visibility_timeout_s
+
+        def push() -> int:
+            return ledger.push(self._redis, queue, messages, check_after, limit)
+
+        # One atomic script: all messages or none, recorded in the ledger. A bounded queue
+        # that is full waits (bounded) for workers to drain it.
+        deadline = time.monotonic() + self.settings.queue_wait_s
+        while self.retrying(push) < 0:
+            if time.monotonic() >= deadline:
+                raise QueueFullError(
+                    f"queue {queue!r} is full (BATCHERY_MAX_QUEUE={limit} messages) and did not "
+                    f"drain within {self.settings.queue_wait_s:g} s (BATCHERY_QUEUE_WAIT); "
+                    "nothing was enqueued"
+                )
+            time.sleep(0.05)
 
     def fetch(
         self, job_ids: Sequence[str], forget: Sequence[str] = ()
@@ -138,12 +154,16 @@ class Client:
         """
         if not job_ids and not forget:
             return {}
-        with self._redis_errors(), self._redis.pipeline(transaction=False) as pipe:
-            if forget:
-                pipe.unlink(*(result_key(j) for j in forget))
-            if job_ids:
-                pipe.mget([result_key(j) for j in job_ids])
-            replies = pipe.execute()
+
+        def round_trip() -> list[Any]:
+            with self._redis.pipeline(transaction=False) as pipe:
+                if forget:
+                    pipe.unlink(*(result_key(j) for j in forget))
+                if job_ids:
+                    pipe.mget([result_key(j) for j in job_ids])
+                return pipe.execute()
+
+        replies = self.retrying(round_trip)
         if not job_ids:
             return {}
         return {
@@ -170,13 +190,12 @@ class Client:
         raise :class:`~producer.errors.ResultTimeoutError` if it does not come.
         """
         key = result_key(job_id)
-        with self._redis_errors():
-            raw = self._redis.get(key)
-            if raw is not None:
-                return decode_result_meta(raw)
-            if not timeout:
-                return pending_result(job_id)
-            raw = self._wait_for(key, time.monotonic() + timeout)
+        raw = self.retrying(lambda: self._redis.get(key))
+        if raw is None and not timeout:
+            return pending_result(job_id)
+        if raw is None and timeout:
+            deadline = time.monotonic() + timeout
+            raw = self.retrying(lambda: self._wait_for(key, deadline))
         if raw is None:
             raise ResultTimeoutError(f"job {job_id} has no result after {timeout:g} s")
         return decode_result_meta(raw)
@@ -199,6 +218,11 @@ class Client:
             time.sleep(min(pause, max(0.0, deadline - time.monotonic())))
             pause = min(pause * 2, 0.1)
         return [found.get(jid) or pending_result(jid) for jid in job_ids]
+
+    @property
+    def redis(self) -> redis.Redis:
+        """The client's Redis connection (for status and tools)."""
+        return self._redis
 
     def close(self) -> None:
         """Release the Redis connections."""
@@ -223,7 +247,11 @@ class Client:
         if pubsub is None:
             pubsub = self._local.pubsub = self._redis.pubsub(ignore_subscribe_messages=True)
         channel = key.encode()
-        pubsub.subscribe(key)
+        try:
+            pubsub.subscribe(key)
+        except redis.ConnectionError:
+            self._local.pubsub = None  # a Redis restart broke it: the retry takes a new one
+            raise
         try:
             # Subscribed first, read second: a result written in between is not missed.
             raw = self._redis.get(key)
@@ -239,17 +267,49 @@ class Client:
                     # A writer that does not publish is still seen, once a second.
                     raw = self._redis.get(key)
             return raw
+        except redis.ConnectionError:
+            self._local.pubsub = None
+            raise
         finally:
-            pubsub.unsubscribe(key)
+            if self._local.pubsub is not None:
+                pubsub.unsubscribe(key)
+
+    def retrying(self, call: Callable[[], T]) -> T:
+        """``call()``, retried while Redis can't be reached, for up to BATCHERY_CONNECT_RETRY s."""
+        deadline = time.monotonic() + self.settings.connect_retry_s
+        pause = 0.05
+        while True:
+            try:
+                with self._redis_errors():
+                    return call()
+            except RedisUnavailableError:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise
+                time.sleep(min(pause, remaining))
+                pause = min(pause * 2, 1.0)
 
     @contextmanager
     def _redis_errors(self) -> Iterator[None]:
+        """Redis's errors as Batchery's, naming the URL without its password."""
+        url = redact_url(self.settings.redis_url)
         try:
             yield
         except (redis.ConnectionError, redis.TimeoutError) as exc:
             raise RedisUnavailableError(
-                f"cannot reach Redis at {redact_url(self.settings.redis_url)}: {exc}"
+                f"cannot reach Redis at {url} (retried for {self.settings.connect_retry_s:g} s, "
+                f"BATCHERY_CONNECT_RETRY): {exc}"
             ) from exc
+        except redis.ResponseError as exc:
+            if isinstance(exc, redis.exceptions.OutOfMemoryError) or "OOM" in str(exc):
+                raise QueueFullError(
+                    f"Redis at {url} is out of memory (maxmemory with noeviction) and refused "
+                    "the write: nothing was enqueued"
+                ) from exc
+            raise
+
+
+T = TypeVar("T")
 
 
 class _Ticket:

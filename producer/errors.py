@@ -37,3 +37,7 @@ class ResultTimeoutError(BatcheryError):
 
 class RedisUnavailableError(BatcheryError):
     """Redis cannot be reached at the configured URL."""
+
+
+class QueueFullError(BatcheryError):
+    """The queue is at BATCHERY_MAX_QUEUE, or Redis is out of memory: nothing was enqueued."""

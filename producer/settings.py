@@ -31,6 +31,11 @@ class Settings:
     concurrency: int = field(default_factory=lambda: os.cpu_count() or 1)
     chunk_size: int = 256
     top_k: int = 3
+    visibility_timeout_s: int = 60
+    poison_kills: int = 3
+    max_queue: int = 0
+    queue_wait_s: float = 30.0
+    connect_retry_s: float = 10.0
     max_image_bytes: int = 10 * 1024 * 1024
     max_image_pixels: int = 40_000_000
 
@@ -74,6 +79,17 @@ class Settings:
             concurrency=int(number("BATCHERY_CONCURRENCY", defaults.concurrency)),
             chunk_size=int(number("BATCHERY_CHUNK_SIZE", defaults.chunk_size)),
             top_k=int(number("BATCHERY_TOP_K", defaults.top_k)),
+            visibility_timeout_s=int(
+                number("BATCHERY_VISIBILITY_TIMEOUT", defaults.visibility_timeout_s)
+            ),
+            poison_kills=int(number("BATCHERY_POISON_KILLS", defaults.poison_kills)),
+            max_queue=int(number("BATCHERY_MAX_QUEUE", defaults.max_queue, minimum=0)),
+            queue_wait_s=float(
+                number("BATCHERY_QUEUE_WAIT", defaults.queue_wait_s, float, minimum=0)
+            ),
+            connect_retry_s=float(
+                number("BATCHERY_CONNECT_RETRY", defaults.connect_retry_s, float, minimum=0)
+            ),
             max_image_bytes=int(number("BATCHERY_MAX_IMAGE_BYTES", defaults.max_image_bytes)),
             max_image_pixels=int(number("BATCHERY_MAX_IMAGE_PIXELS", defaults.max_image_pixels)),
         )

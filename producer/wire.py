@@ -18,7 +18,7 @@ import socket
 import uuid
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from typing import Any
+from typing import Any, NamedTuple
 
 from producer.errors import WireError
 
@@ -31,6 +31,17 @@ RESULT_KEY_PREFIX = "celery-task-meta-"
 #: Worker counters (a Redis hash): jobs done, jobs failed, batches run, last batch time.
 STATS_KEY = "batchery:stats"
 
+#: Jobs that killed their worker too often, one JSON object each (never the image).
+DEAD_LETTER_KEY = "batchery:dead"
+
+#: kombu's Redis transport keeps delivered, unacknowledged messages in this hash.
+UNACKED_KEY = "unacked"
+
+#: Every message Batchery pushes, until a worker has answered its jobs (see ledger.py):
+#: message id -> "<delivery tag> <raw envelope>", and message id -> when to check on it.
+LEDGER_KEY = "batchery:ledger"
+LEDGER_DUE_KEY = "batchery:ledger:due"
+
 SUCCESS = "SUCCESS"
 FAILURE = "FAILURE"
 PENDING = "PENDING"
@@ -39,6 +50,19 @@ PENDING = "PENDING"
 def result_key(job_id: str) -> str:
     """The Redis key holding a job's result."""
     return f"{RESULT_KEY_PREFIX}{job_id}"
+
+
+def deaths_key(job_id: str) -> str:
+    """How many worker processes died while holding this job."""
+    return f"batchery:deaths:{job_id}"
+
+
+def heartbeat_key(worker: str) -> str:
+    """Present (with a short expiry) while a worker process is alive."""
+    return f"{HEARTBEAT_PREFIX}{worker}"
+
+
+HEARTBEAT_PREFIX = "batchery:worker:"
 
 
 def new_job_id() -> str:
@@ -119,7 +143,20 @@ def job_ids_in(kwargs: Any) -> list[str]:
 _ORIGIN = f"{os.getpid()}@{socket.gethostname()}"
 
 
+class Message(NamedTuple):
+    """An encoded message: its Celery task id, kombu delivery tag, and raw envelope."""
+
+    id: str
+    tag: str
+    raw: str
+
+
 def encode_message(jobs: list[Job], queue: str, message_id: str | None = None) -> str:
+    """A Celery protocol-2 task message for ``jobs``, in kombu's Redis envelope."""
+    return build_message(jobs, queue, message_id).raw
+
+
+def build_message(jobs: list[Job], queue: str, message_id: str | None = None) -> Message:
     """A Celery protocol-2 task message for ``jobs``, in kombu's Redis envelope.
 
     Written by hand rather than through kombu so a producer can push many messages in one
@@ -129,6 +166,7 @@ def encode_message(jobs: list[Job], queue: str, message_id: str | None = None) -
     if not jobs:
         raise ValueError("a message carries at least one job")
     task_id = message_id or (jobs[0].id if len(jobs) == 1 else new_job_id())
+    tag = str(uuid.uuid4())
     body = json.dumps(
         [
             [],
@@ -170,10 +208,10 @@ def encode_message(jobs: list[Job], queue: str, message_id: str | None = None) -
             "delivery_info": {"exchange": "", "routing_key": queue},
             "priority": 0,
             "body_encoding": "base64",
-            "delivery_tag": str(uuid.uuid4()),
+            "delivery_tag": tag,
         },
     }
-    return json.dumps(envelope)
+    return Message(task_id, tag, json.dumps(envelope))
 
 
 @dataclass(frozen=True)

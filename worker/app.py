@@ -10,16 +10,22 @@ from __future__ import annotations
 import logging
 import math
 import os
-from collections.abc import Sequence
+import socket
+import threading
+import time
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import redis
 from celery import Celery, signals
+from redis.backoff import ExponentialBackoff
+from redis.retry import Retry
 
+from producer import ledger
 from producer.errors import BatcheryError
 from producer.registry import ModelInfo, Registry
 from producer.settings import Settings, redact_url
-from producer.wire import TASK_CLASSIFY
+from producer.wire import TASK_CLASSIFY, deaths_key, heartbeat_key
 from worker.batching import BATCH_DONE, DynamicBatches
 from worker.models import ModelCache
 from worker.tasks import BatchRunner, RequestLike
@@ -27,6 +33,16 @@ from worker.tasks import BatchRunner, RequestLike
 log = logging.getLogger(__name__)
 
 _runner: BatchRunner | None = None
+
+
+def redis_client(settings: Settings) -> redis.Redis:
+    """A Redis client that rides out a Redis restart: retried with backoff for about 30 s."""
+    return redis.Redis.from_url(
+        settings.redis_url,
+        retry=Retry(ExponentialBackoff(cap=2.0, base=0.05), retries=20),
+        retry_on_error=[redis.ConnectionError, redis.TimeoutError],
+        health_check_interval=10,
+    )
 
 
 def runner(settings: Settings) -> BatchRunner:
@@ -43,19 +59,59 @@ def runner(settings: Settings) -> BatchRunner:
             pinned=pinned,
             max_loaded=settings.max_loaded_models,
         )
-        _runner = BatchRunner(settings, models, redis.Redis.from_url(settings.redis_url))
+        _runner = BatchRunner(settings, models, redis_client(settings))
     return _runner
 
 
 def warm_up(settings: Settings) -> None:
-    """Load the default model before the first job, and start watching for promotions."""
-    models = runner(settings).models
+    """Load the default model before the first job; then keep house in the background."""
+    batch_runner = runner(settings)
     try:
-        models.get(None, None)
+        batch_runner.models.get(None, None)
     except BatcheryError as exc:
         # Jobs for it will fail with this reason; the process stays up for other models.
         log.error("default model not loaded: %s", exc)
-    models.start_watcher(settings.model_watch_s)
+    name = f"{socket.gethostname()}:{os.getpid()}"
+    interval = settings.model_watch_s
+
+    def housekeeping() -> None:
+        # A heartbeat `batchery status` counts, newly promoted versions picked up, and
+        # messages lost in transit sent again (see producer/ledger.py).
+        while True:
+            try:
+                batch_runner.redis.set(heartbeat_key(name), "1", ex=int(interval * 3) + 5)
+            except redis.RedisError as exc:
+                log.warning("heartbeat not written: %s", exc)
+            batch_runner.models.refresh()
+            try:
+                resent = ledger.sweep(batch_runner.redis, settings.queue,
+                                      settings.visibility_timeout_s)  # fmt: skip
+                if resent:
+                    log.warning("sent again %d messages lost in transit", resent)
+            except redis.RedisError as exc:
+                log.warning("ledger not swept: %s", exc)
+            time.sleep(interval)
+
+    threading.Thread(target=housekeeping, name="batchery-housekeeping", daemon=True).start()
+
+
+def count_deaths(
+    settings: Settings, connect: Callable[[Settings], redis.Redis] = redis_client
+) -> Callable[[list[str]], None]:
+    """What the main process does when a pool process dies: count it against each job."""
+    client: redis.Redis | None = None
+
+    def record(job_ids: list[str]) -> None:
+        nonlocal client
+        client = client or connect(settings)
+        with client.pipeline(transaction=False) as pipe:
+            for job_id in job_ids:
+                pipe.incr(deaths_key(job_id))
+                pipe.expire(deaths_key(job_id), settings.result_ttl_s)
+            pipe.execute()
+        log.error("a worker process died holding %d jobs; requeued", len(job_ids))
+
+    return record
 
 
 def create_app(settings: Settings) -> Celery:
@@ -78,6 +134,20 @@ def create_app(settings: Settings) -> Celery:
         # Loading TensorFlow and a model takes longer than Celery's default 4 s.
         worker_proc_alive_timeout=300,
         broker_connection_retry_on_startup=True,
+        broker_connection_max_retries=None,  # ride out a Redis restart, however long
+        # At-least-once: a message a dead worker held comes back after the visibility
+        # timeout; kombu looks for such messages every second, not every 10 s x 10 calls.
+        broker_transport_options={
+            "visibility_timeout": settings.visibility_timeout_s,
+            "unacked_restore_interval": 1,
+            "unacked_restore_throttle": 1,
+        },
+        # A dead pool process's batch is requeued after this wait (Celery's default: 10 s).
+        # Results it stored before dying are kept: a redelivered job is not recomputed.
+        worker_lost_wait=1.0,
+        # SIGTERM: finish the batch in hand; unacknowledged messages go back to the queue.
+        worker_soft_shutdown_timeout=10.0,
+        worker_enable_soft_shutdown_on_idle=True,
         worker_send_task_events=True,
         task_send_sent_event=False,
     )
@@ -88,6 +158,7 @@ def create_app(settings: Settings) -> Celery:
         flush_every=settings.batch_size,
         flush_interval=max(settings.batch_wait_ms, 0.5) / 1000.0,
         pool_slots=settings.concurrency,
+        on_worker_lost=staticmethod(count_deaths(settings)),  # a plain function, not a method
         ignore_result=True,
     )
     def classify(requests: Sequence[RequestLike]) -> str:

@@ -12,7 +12,8 @@ things:
   free, which then takes the next batch at once.
 - Messages are acknowledged only after their batch has stored its results. A batch that
   raised, or whose pool process died, is rejected and requeued (celery-batches acks it
-  regardless, leaving its jobs PENDING forever).
+  regardless, leaving its jobs PENDING forever); a death is counted against each of the
+  batch's jobs, which is how poison jobs are found (see ``worker.tasks``).
 """
 
 from __future__ import annotations
@@ -22,8 +23,11 @@ from collections.abc import Callable, Collection
 from queue import Empty
 from typing import Any
 
+from billiard.exceptions import WorkerLostError
 from celery_batches import Batches, SimpleRequest
 from celery_batches.trace import apply_batches_task
+
+from producer.wire import job_ids_in
 
 log = logging.getLogger(__name__)
 
@@ -31,13 +35,27 @@ log = logging.getLogger(__name__)
 BATCH_DONE = "stored"
 
 
-def jobs_in(request: Any) -> int:
-    """How many jobs a buffered Celery request carries (1 if it can't be read)."""
+def request_kwargs(request: Any) -> Any:
+    """A buffered Celery request's kwargs (None if they can't be read)."""
     try:
         _, kwargs, _ = request._payload
-        return max(1, len(kwargs["jobs"]))
-    except (TypeError, KeyError, ValueError, AttributeError):
-        return 1
+        return kwargs
+    except (TypeError, ValueError, AttributeError):
+        return None
+
+
+def jobs_in(request: Any) -> int:
+    """How many jobs a buffered Celery request carries (1 if it can't be read)."""
+    kwargs = request_kwargs(request)
+    jobs = kwargs.get("jobs") if isinstance(kwargs, dict) else None
+    return max(1, len(jobs)) if isinstance(jobs, list) else 1
+
+
+def unwrap(error: Any) -> Any:
+    """The exception inside billiard's wrappers (ExceptionInfo, ExceptionWithTraceback)."""
+    for attribute in ("exception", "exc"):
+        error = getattr(error, attribute, error)
+    return error
 
 
 class DynamicBatches(Batches):
@@ -47,14 +65,30 @@ class DynamicBatches(Batches):
 
     #: Pool processes; set from the worker's concurrency when the task is created.
     pool_slots = 1
+    #: Called with the job ids of a batch whose pool process died (set by the app).
+    on_worker_lost: Callable[[list[str]], None] | None = None
     _tref: Any  # celery-batches' flush timer
 
     def __init__(self) -> None:
         super().__init__()
         self._busy = 0
+        self._generation = 0
 
     def Strategy(self, task: Batches, app: Any, consumer: Any) -> Callable[..., None]:
-        """Wrap celery-batches' message handler with the flush-when-idle rule."""
+        """Wrap celery-batches' message handler with the flush-when-idle rule.
+
+        Celery calls this again each time the consumer restarts (after a lost broker
+        connection). The restart drops the pool's unsent batches without a callback, and kombu
+        gives every unacknowledged message back to the queue, so the old buffer and busy
+        count are void: start afresh, and ignore callbacks of batches from before.
+        """
+        self._generation += 1
+        self._busy = 0
+        while not self._buffer.empty():
+            self._buffer.get_nowait()
+        if self._tref is not None:
+            self._tref.cancel()
+            self._tref = None
         buffer_message = super().Strategy(task, app, consumer)
 
         def on_message(*args: Any, **kwargs: Any) -> None:
@@ -89,6 +123,7 @@ class DynamicBatches(Batches):
     def flush(self, requests: Collection[Any]) -> Any:
         """Hand the requests to a pool process; ack on success, requeue on failure."""
         requests = list(requests)
+        generation = self._generation
         self._busy += 1
         finished = False
 
@@ -97,6 +132,8 @@ class DynamicBatches(Batches):
             if finished:  # a lost process may be reported after its result
                 return
             finished = True
+            if generation != self._generation:
+                return  # from before a consumer restart: its messages were given back
             self._busy -= 1
             for request in requests:
                 if ok:
@@ -110,8 +147,15 @@ class DynamicBatches(Batches):
         def on_return(result: Any) -> None:
             finish(result == BATCH_DONE, f"the batch function returned {result!r}")
 
-        def on_error(exc: Any) -> None:
-            finish(False, repr(getattr(exc, "exception", exc)))
+        def on_error(error: Any) -> None:
+            exc = unwrap(error)
+            if isinstance(exc, WorkerLostError) and self.on_worker_lost is not None:
+                ids = [jid for request in requests for jid in job_ids_in(request_kwargs(request))]
+                try:
+                    self.on_worker_lost(ids)
+                except Exception:
+                    log.exception("could not count the death of the batch's worker")
+            finish(False, repr(exc))
 
         serializable = ([SimpleRequest.from_request(r) for r in requests],)
         return self._pool.apply_async(

@@ -35,8 +35,11 @@ def tensorflow(threads: int | None = None) -> Any:
         if not _tf_configured:
             if threads:
                 # Several worker processes share the cores: each keeps to its share.
-                tf.config.threading.set_intra_op_parallelism_threads(threads)
-                tf.config.threading.set_inter_op_parallelism_threads(max(1, min(threads, 2)))
+                try:
+                    tf.config.threading.set_intra_op_parallelism_threads(threads)
+                    tf.config.threading.set_inter_op_parallelism_threads(max(1, min(threads, 2)))
+                except RuntimeError:
+                    log.warning("TensorFlow already started: keeping its thread settings")
             _tf_configured = True
         return tf
 
@@ -147,9 +150,9 @@ def load(info: ModelInfo, batch_size: int, threads: int | None = None) -> Loaded
 class ModelCache:
     """The models one worker process serves: loaded on first use, at most ``max_loaded`` kept.
 
-    Jobs that name no version get the promoted one. A watcher thread notices a new promotion,
-    loads and warms the new version in the background, and only then switches new jobs to it;
-    a batch already running keeps the model it resolved.
+    Jobs that name no version get the promoted one. :meth:`refresh` (run periodically in a
+    background thread) notices a new promotion, loads and warms the new version, and only then
+    switches new jobs to it; a batch already running keeps the model it resolved.
     """
 
     def __init__(
@@ -170,8 +173,6 @@ class ModelCache:
         self._loaded: OrderedDict[str, LoadedModel] = OrderedDict()
         self._promoted: dict[str, str] = {}
         self._lock = threading.RLock()
-        self._watcher: threading.Thread | None = None
-        self._stop = threading.Event()
 
     def resolve(self, name: str | None, version: str | None) -> ModelInfo:
         """The registry entry a job's (model, version) means; ModelNotFoundError if none."""
@@ -221,7 +222,12 @@ class ModelCache:
         return loaded
 
     def refresh(self) -> None:
-        """Load newly promoted versions of the models in use, then switch jobs to them."""
+        """Load newly promoted versions of the models in use, then switch jobs to them.
+
+        Called by the worker's housekeeping thread every ``BATCHERY_MODEL_WATCH_S``.
+        """
+        if self._pinned is not None:
+            return
         with self._lock:
             current = dict(self._promoted)
         for name, version in current.items():
@@ -234,19 +240,3 @@ class ModelCache:
                     log.info("serving %s@%s (was %s)", name, promoted, version)
             except BatcheryError as exc:
                 log.error("cannot switch %s to its promoted version: %s", name, exc)
-
-    def start_watcher(self, interval_s: float) -> None:
-        """Check for promotions every ``interval_s`` seconds in a daemon thread."""
-        if self._watcher is not None or self._pinned is not None:
-            return
-
-        def watch() -> None:
-            while not self._stop.wait(interval_s):
-                self.refresh()
-
-        self._watcher = threading.Thread(target=watch, name="batchery-model-watcher", daemon=True)
-        self._watcher.start()
-
-    def stop_watcher(self) -> None:
-        """Stop the watcher thread."""
-        self._stop.set()

@@ -7,6 +7,7 @@ fails the jobs that were in it).
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from collections import defaultdict
@@ -16,18 +17,23 @@ from typing import Any, Protocol
 import numpy as np
 import redis
 
+from producer import ledger
 from producer.errors import BatcheryError, InvalidImageError, WireError
 from producer.settings import Settings
 from producer.wire import (
+    DEAD_LETTER_KEY,
     FAILURE,
     STATS_KEY,
     SUCCESS,
     Job,
     JobResult,
     TopK,
+    build_message,
+    deaths_key,
     encode_result_meta,
     job_ids_in,
     jobs_from_kwargs,
+    new_job_id,
     result_key,
 )
 from worker import preprocess
@@ -52,7 +58,13 @@ class BatchRunner:
         self.redis = redis_client
 
     def run(self, requests: Sequence[RequestLike]) -> list[JobResult]:
-        """Answer every job in these messages and store the answers; return them."""
+        """Answer every job in these messages and store the answers; return them.
+
+        At-least-once delivery means a job can come again: one already answered is skipped
+        (idempotent). A job whose worker process died holding it comes back with a death
+        count: it runs alone, so it can't take innocent jobs down with it, and after
+        ``poison_kills`` deaths it is failed and dead-lettered instead of run again.
+        """
         jobs: list[Job] = []
         results: list[JobResult] = []
         for request in requests:
@@ -62,8 +74,66 @@ class BatchRunner:
                 log.error("message %s: %s", request.id, exc)
                 ids = job_ids_in(request.kwargs)
                 results.extend(JobResult.failure(jid, f"malformed message: {exc}") for jid in ids)
-        results.extend(self.classify(jobs))
-        self.store(results, quiet={job.id for job in jobs if not job.notify})
+        answered, deaths = self._history(jobs)
+        fresh = [job for job in jobs if job.id not in answered]
+        if answered:
+            log.info("skipped %d redelivered jobs already answered", len(answered))
+            counted = [deaths_key(jid) for jid in answered if jid in deaths]
+            if counted:  # they died after answering: nothing to hold against them
+                self.redis.delete(*counted)
+        kills = self.settings.poison_kills
+        poison = [job for job in fresh if deaths.get(job.id, 0) >= kills]
+        suspects = [job for job in fresh if 0 < deaths.get(job.id, 0) < kills]
+        if suspects and len(fresh) > 1:
+            self.isolate(suspects)
+        else:
+            suspects = []
+        held = {job.id for job in poison} | {job.id for job in suspects}
+        runnable = [job for job in fresh if job.id not in held]
+        results.extend(self.fail_poison(poison, deaths))
+        results.extend(self.classify(runnable))
+        self.store(results, quiet={job.id for job in jobs if not job.notify},
+                   settled=[request.id for request in requests])  # fmt: skip
+        return results
+
+    def _history(self, jobs: Sequence[Job]) -> tuple[set[str], dict[str, int]]:
+        """Which jobs already have a result, and how often each killed a worker: one trip."""
+        if not jobs:
+            return set(), {}
+        with self.redis.pipeline(transaction=False) as pipe:
+            pipe.mget([result_key(job.id) for job in jobs])
+            pipe.mget([deaths_key(job.id) for job in jobs])
+            stored, counts = pipe.execute()
+        answered = {job.id for job, raw in zip(jobs, stored, strict=True) if raw is not None}
+        deaths = {job.id: int(n) for job, n in zip(jobs, counts, strict=True) if n is not None}
+        return answered, deaths
+
+    def isolate(self, jobs: Sequence[Job]) -> None:
+        """Send each suspect job back as a message of its own, so a poison one dies alone."""
+        queue = self.settings.queue
+        messages = [build_message([job], queue, new_job_id()) for job in jobs]
+        ledger.push(self.redis, queue, messages, self.settings.visibility_timeout_s)
+        log.warning("isolated %d jobs whose worker died: %s", len(jobs),
+                    ", ".join(job.id for job in jobs))  # fmt: skip
+
+    def fail_poison(self, jobs: Sequence[Job], deaths: dict[str, int]) -> list[JobResult]:
+        """FAILURE results for jobs that killed their worker too often; dead-letter them."""
+        if not jobs:
+            return []
+        results = []
+        with self.redis.pipeline(transaction=False) as pipe:
+            for job in jobs:
+                error = (
+                    f"this job killed its worker process {deaths[job.id]} times; it was not run "
+                    f"again and is in the dead-letter list {DEAD_LETTER_KEY}"
+                )
+                results.append(JobResult.failure(job, error))
+                pipe.lpush(DEAD_LETTER_KEY, json.dumps({
+                    "job_id": job.id, "model": job.model, "version": job.version,
+                    "deaths": deaths[job.id], "at": time.time(), "error": error,
+                }))  # fmt: skip
+            pipe.execute()
+        log.error("dead-lettered %d poison jobs", len(jobs))
         return results
 
     def classify(self, jobs: Sequence[Job]) -> list[JobResult]:
@@ -113,22 +183,38 @@ class BatchRunner:
             return
         yield from postprocess(model, ready, probs, self.settings.top_k)
 
-    def store(self, results: Sequence[JobResult], quiet: Collection[str] = ()) -> None:
-        """Write every result, publish it to waiting clients and count it: one pipeline.
+    def store(
+        self, results: Sequence[JobResult], quiet: Collection[str] = (),
+        settled: Sequence[str] = (),
+    ) -> None:  # fmt: skip
+        """Write every result, publish it to waiting clients and count it.
 
-        Results of ``quiet`` jobs are written but not published.
+        A result is written only if the job has none yet (SET NX): a job delivered twice
+        keeps its first answer, so no one ever sees two. Results of ``quiet`` jobs are
+        written but not published. The ``settled`` messages are struck off the ledger. Two
+        round trips, whatever the batch size.
         """
         if not results:
+            if settled:
+                with self.redis.pipeline(transaction=False) as pipe:
+                    ledger.settle(pipe, settled)
+                    pipe.execute()
             return
         ttl = self.settings.result_ttl_s
-        failed = sum(1 for r in results if r.status == FAILURE)
+        metas = [encode_result_meta(result) for result in results]
         with self.redis.pipeline(transaction=False) as pipe:
-            for result in results:
-                key, meta = result_key(result.job_id), encode_result_meta(result)
-                pipe.set(key, meta, ex=ttl)
-                if result.job_id not in quiet:
-                    pipe.publish(key, meta)
-            pipe.hincrby(STATS_KEY, "done", len(results) - failed)
+            for result, meta in zip(results, metas, strict=True):
+                pipe.set(result_key(result.job_id), meta, ex=ttl, nx=True)
+            written = pipe.execute()
+        failed = 0
+        with self.redis.pipeline(transaction=False) as pipe:
+            for result, meta, new in zip(results, metas, written, strict=True):
+                if new and result.job_id not in quiet:
+                    pipe.publish(result_key(result.job_id), meta)
+                failed += bool(new) and result.status == FAILURE
+            pipe.delete(*(deaths_key(result.job_id) for result in results))
+            ledger.settle(pipe, settled)
+            pipe.hincrby(STATS_KEY, "done", sum(map(bool, written)) - failed)
             pipe.hincrby(STATS_KEY, "failed", failed)
             pipe.hincrby(STATS_KEY, "batches", 1)
             pipe.hset(STATS_KEY, "last_batch_at", f"{time.time():.3f}")

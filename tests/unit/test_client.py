@@ -9,7 +9,12 @@ import pytest
 from PIL import Image
 
 from producer.client import Client
-from producer.errors import InvalidImageError, RedisUnavailableError, ResultTimeoutError
+from producer.errors import (
+    InvalidImageError,
+    QueueFullError,
+    RedisUnavailableError,
+    ResultTimeoutError,
+)
 from producer.settings import Settings
 from producer.wire import JobResult, encode_result_meta, jobs_from_kwargs, result_key
 from tests.factories import digit_image, digit_paths, encode, noise_array
@@ -150,8 +155,31 @@ def test_results_keep_input_order_and_report_pending(client, fake_redis) -> None
     assert [r["status"] for r in got] == ["FAILURE", "PENDING", "SUCCESS"]
 
 
-def test_unreachable_redis_is_named_without_its_password() -> None:
-    client = Client("redis://:hunter2@127.0.0.1:1/0")
+def test_unreachable_redis_is_retried_then_named_without_its_password() -> None:
+    client = Client(settings=Settings(redis_url="redis://:hunter2@127.0.0.1:1/0",
+                                      connect_retry_s=0.5))  # fmt: skip
+    started = time.monotonic()
     with pytest.raises(RedisUnavailableError) as info:
         client.submit(digit_paths(1)[0])
+    assert time.monotonic() - started >= 0.4  # retried, for a bounded time
     assert "127.0.0.1:1" in str(info.value) and "hunter2" not in str(info.value)
+    assert "BATCHERY_CONNECT_RETRY" in str(info.value)
+
+
+def test_a_full_queue_waits_then_refuses_and_enqueues_nothing(fake_redis) -> None:
+    settings = Settings(max_queue=2, queue_wait_s=0.3, chunk_size=1)
+    client = Client(settings=settings, redis_client=fake_redis)
+    client.submit_many(digit_paths(2))
+    started = time.monotonic()
+    with pytest.raises(QueueFullError, match=r"BATCHERY_MAX_QUEUE=2.*nothing was enqueued"):
+        client.submit(digit_paths(3)[2])
+    assert time.monotonic() - started >= 0.25
+    assert fake_redis.llen("batchery") == 2
+
+
+def test_a_full_queue_accepts_again_once_it_drains(fake_redis) -> None:
+    client = Client(settings=Settings(max_queue=1, queue_wait_s=5), redis_client=fake_redis)
+    client.submit(digit_paths(1)[0])
+    threading.Timer(0.3, lambda: fake_redis.rpop("batchery")).start()
+    client.submit(digit_paths(2)[1])  # waits for the worker to take the first one
+    assert fake_redis.llen("batchery") == 1

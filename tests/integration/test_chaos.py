@@ -1,0 +1,181 @@
+"""Chaos: a job submitted is a job answered, through kills, shutdowns and a Redis restart.
+
+Each test runs 2,000 jobs through a Redis with appendonly on and real worker processes,
+breaks something mid-run, and checks that every job ends SUCCESS with the right label, none
+lost, none answered twice (a job's first answer is kept: SET NX, so the `done` counter counts
+each job once), recovered within a stated time. Each prints its figures.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from producer.client import Client
+from producer.local import RedisServer, WorkerProcess
+from producer.settings import Settings
+from producer.wire import STATS_KEY, deaths_key
+from tests.factories import digit_paths, label_of
+
+pytestmark = pytest.mark.integration
+
+JOBS = 2000
+VISIBILITY_S = 5
+# Worker start-up (TensorFlow, model) plus the visibility timeout plus kombu's 1 s scan.
+RECOVERY_BOUND_S = 60
+
+
+@pytest.fixture(scope="module")
+def durable_redis(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
+    server = RedisServer(
+        args=("--appendonly", "yes", "--appendfsync", "everysec"),
+        workdir=tmp_path_factory.mktemp("aof"),
+    )
+    with server:
+        yield server
+
+
+@pytest.fixture
+def redis_url(durable_redis: RedisServer) -> str:
+    Client(durable_redis.url).redis.flushall()
+    return durable_redis.url
+
+
+def start_worker(url: str) -> WorkerProcess:
+    env = {"BATCHERY_VISIBILITY_TIMEOUT": str(VISIBILITY_S), "BATCHERY_QUEUE": "chaos"}
+    return WorkerProcess(url, "--concurrency", "2", "--batch-size", "16", env=env).start()
+
+
+def chaos_client(url: str) -> Client:
+    return Client(settings=Settings(redis_url=url, queue="chaos", chunk_size=16,
+                                    connect_retry_s=60,
+                                    visibility_timeout_s=VISIBILITY_S))  # fmt: skip
+
+
+def submit_jobs(client: Client) -> tuple[list[str], list[str]]:
+    paths = digit_paths()
+    images = [paths[i % len(paths)] for i in range(JOBS)]
+    return client.submit_many(images), [label_of(p) for p in images]
+
+
+def wait_for_answers(client: Client, n: int, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while int(client.redis.hget(STATS_KEY, "done") or 0) < n:
+        assert time.monotonic() < deadline, f"fewer than {n} answers after {timeout} s"
+        time.sleep(0.01)
+
+
+def check_all_answered(client: Client, ids: list[str], labels: list[str], broke_at: float,
+                       what: str, kills: int) -> None:  # fmt: skip
+    results = client.results(ids, timeout=RECOVERY_BOUND_S + 60)
+    recovered_s = time.monotonic() - broke_at
+    lost = [r["job_id"] for r in results if r["status"] != "SUCCESS"]
+    wrong = sum(r["label"] != label for r, label in zip(results, labels, strict=True))
+    done = int(client.redis.hget(STATS_KEY, "done") or 0)
+    print(f"\n{what}: jobs {len(ids)}, kills {kills}, lost {len(lost)}, "
+          f"answered twice {done - len(ids)}, time to recover {recovered_s:.1f} s")  # fmt: skip
+    assert not lost, f"{len(lost)} jobs not answered: {lost[:5]}"
+    assert wrong <= len(ids) * 0.05  # the model's own error rate on these digits is ~3%
+    assert done == len(ids), "a job was answered twice"
+    assert recovered_s < RECOVERY_BOUND_S + 60
+
+
+def children(pid: int) -> list[int]:
+    path = Path(f"/proc/{pid}/task/{pid}/children")
+    return [int(p) for p in path.read_text().split()] if path.exists() else []
+
+
+def busy_child(pid: int, timeout: float = 10) -> int:
+    """A pool process that is running (state R) right now: one in the middle of a batch."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for child in children(pid):
+            stat = Path(f"/proc/{child}/stat").read_text()
+            if stat.rsplit(")", 1)[1].split()[0] == "R":
+                return child
+    raise AssertionError("no pool process was busy")
+
+
+def test_sigkill_of_a_pool_process_mid_batch(redis_url: str) -> None:
+    worker = start_worker(redis_url)
+    client = chaos_client(redis_url)
+    try:
+        client.result(client.submit(digit_paths(1)[0]), timeout=240)
+        client.redis.hset(STATS_KEY, "done", 0)
+        ids, labels = submit_jobs(client)
+        wait_for_answers(client, 200)
+        assert worker.process is not None
+        os.kill(busy_child(worker.process.pid), signal.SIGKILL)
+        broke_at = time.monotonic()
+        check_all_answered(client, ids, labels, broke_at, "SIGKILL pool process", 1)
+        # The death was counted against the jobs the process held; once they were answered
+        # (isolated, or found already answered) nothing is held against them any more.
+        deadline = time.monotonic() + 10
+        while "died holding" not in worker.log_path.read_text():
+            assert time.monotonic() < deadline, "the dead process's batch was never requeued"
+            time.sleep(0.1)
+        deadline = time.monotonic() + 30
+        while any(client.redis.get(deaths_key(i)) is not None for i in ids):
+            assert time.monotonic() < deadline, "death counts left behind"
+            time.sleep(0.2)
+    finally:
+        worker.stop()
+
+
+def test_sigkill_of_the_whole_worker_then_a_new_one(redis_url: str) -> None:
+    first = start_worker(redis_url)
+    client = chaos_client(redis_url)
+    client.result(client.submit(digit_paths(1)[0]), timeout=240)
+    client.redis.hset(STATS_KEY, "done", 0)
+    ids, labels = submit_jobs(client)
+    wait_for_answers(client, 300)
+    assert first.process is not None
+    os.killpg(first.process.pid, signal.SIGKILL)
+    first.process.wait()
+    broke_at = time.monotonic()
+    second = start_worker(redis_url)
+    try:
+        check_all_answered(client, ids, labels, broke_at, "SIGKILL worker + new worker", 1)
+    finally:
+        second.stop()
+
+
+def test_sigterm_mid_batch_requeues_what_was_not_done(redis_url: str) -> None:
+    first = start_worker(redis_url)
+    client = chaos_client(redis_url)
+    client.result(client.submit(digit_paths(1)[0]), timeout=240)
+    client.redis.hset(STATS_KEY, "done", 0)
+    ids, labels = submit_jobs(client)
+    wait_for_answers(client, 300)
+    first.stop(timeout=60)  # SIGTERM: warm shutdown
+    broke_at = time.monotonic()
+    assert first.process is not None and first.process.returncode == 0
+    second = start_worker(redis_url)
+    try:
+        check_all_answered(client, ids, labels, broke_at, "SIGTERM + new worker", 0)
+    finally:
+        second.stop()
+
+
+def test_redis_restart_mid_run(durable_redis: RedisServer, redis_url: str) -> None:
+    worker = start_worker(redis_url)
+    client = chaos_client(redis_url)
+    try:
+        client.result(client.submit(digit_paths(1)[0]), timeout=240)
+        client.redis.hset(STATS_KEY, "done", 0)
+        ids, labels = submit_jobs(client)
+        wait_for_answers(client, 300)
+        durable_redis.stop()  # SIGTERM: Redis writes its append-only file and exits
+        broke_at = time.monotonic()
+        time.sleep(2)
+        durable_redis.start()
+        check_all_answered(client, ids, labels, broke_at, "Redis restart", 0)
+        # The worker carried on: a new job after the restart is answered too.
+        assert client.result(client.submit(digit_paths(1)[0]), timeout=60)["status"] == "SUCCESS"
+    finally:
+        worker.stop()
