@@ -156,3 +156,14 @@ def test_cli_refuses_a_non_image_before_enqueueing(redis_server, worker, tmp_pat
     assert refused.returncode == 1
     assert "notes.txt" in refused.stderr and "not a readable image" in refused.stderr
     assert refused.stdout == ""
+
+
+def test_cli_status_sees_the_worker_and_the_counts(redis_server, worker, client) -> None:
+    client.result(client.submit(digit_paths(1)[0]), timeout=30)
+    shown = run_cli(redis_server.url, "status", "--json")
+    assert shown.returncode == 0, shown.stderr
+    status = json.loads(shown.stdout)
+    assert status["workers_alive"] == 2  # two pool processes, each with a heartbeat
+    assert status["done"] >= 1 and status["queue"] == "batchery"
+    text = run_cli(redis_server.url, "status").stdout
+    assert "workers alive  2" in text and "dead letters   0" in text
