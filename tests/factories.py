@@ -3,10 +3,16 @@
 from __future__ import annotations
 
 import io
+import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from PIL import Image
+
+from producer.client import Client
+from producer.local import WorkerProcess
 
 ROOT = Path(__file__).resolve().parent.parent
 DIGITS = ROOT / "examples" / "digits"
@@ -55,3 +61,21 @@ def truncated_png(path: Path) -> bytes:
 def noise_array(shape: tuple[int, ...] = (28, 28), seed: int = 0) -> np.ndarray:
     """Random uint8 pixels."""
     return np.random.default_rng(seed).integers(0, 256, shape, dtype=np.uint8)
+
+
+@dataclass
+class Request:
+    """What the batch runner reads of a celery-batches request."""
+
+    id: str
+    kwargs: Any
+
+
+def wait_until_serving(client: Client, worker: WorkerProcess, timeout: float = 240) -> None:
+    """Submit one digit and wait for its answer: the worker has loaded its model."""
+    job = client.submit(digit_paths(1)[0])
+    deadline = time.monotonic() + timeout
+    while client.result(job)["status"] == "PENDING":
+        worker.check_alive()
+        assert time.monotonic() < deadline, f"worker did not answer within {timeout:g} s"
+        time.sleep(0.2)

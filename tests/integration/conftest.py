@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 from collections.abc import Iterator
 
 import pytest
@@ -10,7 +9,7 @@ import pytest
 from producer.client import Client
 from producer.local import RedisServer, WorkerProcess
 from producer.settings import Settings
-from tests.factories import digit_paths
+from tests.factories import wait_until_serving
 
 pytestmark = pytest.mark.integration
 
@@ -27,14 +26,8 @@ def worker(redis_server: RedisServer) -> Iterator[WorkerProcess]:
     with WorkerProcess(
         redis_server.url, "--concurrency", "2", "--batch-size", "32", "--batch-wait-ms", "20"
     ) as proc:
-        client = Client(settings=Settings(redis_url=redis_server.url))
-        job = client.submit(digit_paths(1)[0])
-        deadline = time.monotonic() + 240
-        while client.result(job)["status"] == "PENDING":
-            proc.check_alive()
-            assert time.monotonic() < deadline, "worker did not answer within 240 s"
-            time.sleep(0.2)
-        client.close()
+        with Client(settings=Settings(redis_url=redis_server.url)) as client:
+            wait_until_serving(client, proc)
         yield proc
 
 

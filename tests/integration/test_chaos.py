@@ -20,7 +20,7 @@ from producer.client import Client
 from producer.local import RedisServer, WorkerProcess
 from producer.settings import Settings
 from producer.wire import STATS_KEY, deaths_key
-from tests.factories import digit_paths, label_of
+from tests.factories import digit_paths, label_of, wait_until_serving
 
 pytestmark = pytest.mark.integration
 
@@ -57,10 +57,17 @@ def chaos_client(url: str) -> Client:
                                     visibility_timeout_s=VISIBILITY_S))  # fmt: skip
 
 
-def submit_jobs(client: Client) -> tuple[list[str], list[str]]:
+def start_run(url: str, answered: int = 300) -> tuple[WorkerProcess, Client, list[str], list[str]]:
+    """A serving worker, JOBS jobs submitted, ``answered`` of them already answered."""
+    worker = start_worker(url)
+    client = chaos_client(url)
+    wait_until_serving(client, worker)
+    client.redis.hset(STATS_KEY, "done", 0)
     paths = digit_paths()
     images = [paths[i % len(paths)] for i in range(JOBS)]
-    return client.submit_many(images), [label_of(p) for p in images]
+    ids = client.submit_many(images)
+    wait_for_answers(client, answered)
+    return worker, client, ids, [label_of(p) for p in images]
 
 
 def wait_for_answers(client: Client, n: int, timeout: float = 120) -> None:
@@ -102,13 +109,8 @@ def busy_child(pid: int, timeout: float = 10) -> int:
 
 
 def test_sigkill_of_a_pool_process_mid_batch(redis_url: str) -> None:
-    worker = start_worker(redis_url)
-    client = chaos_client(redis_url)
+    worker, client, ids, labels = start_run(redis_url, answered=200)
     try:
-        client.result(client.submit(digit_paths(1)[0]), timeout=240)
-        client.redis.hset(STATS_KEY, "done", 0)
-        ids, labels = submit_jobs(client)
-        wait_for_answers(client, 200)
         assert worker.process is not None
         os.kill(busy_child(worker.process.pid), signal.SIGKILL)
         broke_at = time.monotonic()
@@ -128,12 +130,7 @@ def test_sigkill_of_a_pool_process_mid_batch(redis_url: str) -> None:
 
 
 def test_sigkill_of_the_whole_worker_then_a_new_one(redis_url: str) -> None:
-    first = start_worker(redis_url)
-    client = chaos_client(redis_url)
-    client.result(client.submit(digit_paths(1)[0]), timeout=240)
-    client.redis.hset(STATS_KEY, "done", 0)
-    ids, labels = submit_jobs(client)
-    wait_for_answers(client, 300)
+    first, client, ids, labels = start_run(redis_url)
     assert first.process is not None
     os.killpg(first.process.pid, signal.SIGKILL)
     first.process.wait()
@@ -146,12 +143,7 @@ def test_sigkill_of_the_whole_worker_then_a_new_one(redis_url: str) -> None:
 
 
 def test_sigterm_mid_batch_requeues_what_was_not_done(redis_url: str) -> None:
-    first = start_worker(redis_url)
-    client = chaos_client(redis_url)
-    client.result(client.submit(digit_paths(1)[0]), timeout=240)
-    client.redis.hset(STATS_KEY, "done", 0)
-    ids, labels = submit_jobs(client)
-    wait_for_answers(client, 300)
+    first, client, ids, labels = start_run(redis_url)
     first.stop(timeout=60)  # SIGTERM: warm shutdown
     broke_at = time.monotonic()
     assert first.process is not None and first.process.returncode == 0
@@ -163,13 +155,8 @@ def test_sigterm_mid_batch_requeues_what_was_not_done(redis_url: str) -> None:
 
 
 def test_redis_restart_mid_run(durable_redis: RedisServer, redis_url: str) -> None:
-    worker = start_worker(redis_url)
-    client = chaos_client(redis_url)
+    worker, client, ids, labels = start_run(redis_url)
     try:
-        client.result(client.submit(digit_paths(1)[0]), timeout=240)
-        client.redis.hset(STATS_KEY, "done", 0)
-        ids, labels = submit_jobs(client)
-        wait_for_answers(client, 300)
         durable_redis.stop()  # SIGTERM: Redis writes its append-only file and exits
         broke_at = time.monotonic()
         time.sleep(2)

@@ -14,7 +14,7 @@ from producer.client import Client
 from producer.local import RedisServer, WorkerProcess
 from producer.registry import Registry
 from producer.settings import Settings
-from tests.factories import digit_paths
+from tests.factories import digit_paths, wait_until_serving
 
 pytestmark = pytest.mark.integration
 ROOT = Path(__file__).resolve().parents[2]
@@ -33,12 +33,7 @@ def live(redis_server: RedisServer, tmp_path_factory) -> Iterator[tuple[Client, 
     settings = Settings(redis_url=redis_server.url, queue="hot-update", model_dir=registry.root)
     with WorkerProcess(redis_server.url, "--concurrency", "2", env=env) as worker:
         client = Client(settings=settings)
-        first = client.submit(digit_paths(1)[0])
-        deadline = time.monotonic() + 240
-        while client.result(first)["status"] == "PENDING":
-            worker.check_alive()
-            assert time.monotonic() < deadline, "worker did not start"
-            time.sleep(0.2)
+        wait_until_serving(client, worker)
         yield client, registry
         client.close()
 

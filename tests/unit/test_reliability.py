@@ -4,15 +4,12 @@ from __future__ import annotations
 
 import base64
 import json
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import fakeredis
 import pytest
 
 from producer.client import Client
-from producer.registry import Registry
 from producer.settings import Settings
 from producer.status import collect, render
 from producer.wire import (
@@ -28,25 +25,12 @@ from producer.wire import (
     jobs_to_kwargs,
     result_key,
 )
-from tests.factories import digit_paths
+from tests.factories import Request, digit_paths
 from worker.app import count_deaths
 from worker.models import ModelCache
 from worker.tasks import BatchRunner
 
 ROOT = Path(__file__).resolve().parents[2]
-
-
-@dataclass
-class Request:
-    id: str
-    kwargs: Any
-
-
-@pytest.fixture(scope="module")
-def models() -> ModelCache:
-    cache = ModelCache(Registry(ROOT / "models"), "mnist-cnn", batch_size=16, threads=1)
-    cache.get(None, None)
-    return cache
 
 
 @pytest.fixture

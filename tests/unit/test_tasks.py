@@ -1,6 +1,5 @@
 """The batch runner with the shipped model and fakeredis: the batch contract, per-job failures."""
 
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -12,24 +11,11 @@ from producer.errors import BatchContractError
 from producer.registry import Registry
 from producer.settings import Settings
 from producer.wire import STATS_KEY, Job, decode_result_meta, jobs_to_kwargs, result_key
-from tests.factories import big_rgb_jpeg, digit_paths, label_of, truncated_png
+from tests.factories import Request, big_rgb_jpeg, digit_paths, label_of, truncated_png
 from worker.models import LoadedModel, ModelCache
 from worker.tasks import BatchRunner
 
 ROOT = Path(__file__).resolve().parents[2]
-
-
-@dataclass
-class Request:
-    id: str
-    kwargs: Any
-
-
-@pytest.fixture(scope="module")
-def models() -> ModelCache:
-    cache = ModelCache(Registry(ROOT / "models"), "mnist-cnn", batch_size=16, threads=1)
-    cache.get(None, None)
-    return cache
 
 
 @pytest.fixture
