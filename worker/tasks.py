@@ -187,38 +187,45 @@ class BatchRunner:
         self, results: Sequence[JobResult], quiet: Collection[str] = (),
         settled: Sequence[str] = (),
     ) -> None:  # fmt: skip
-        """Write every result, publish it to waiting clients and count it.
+        """Write every result, publish it to waiting clients and count it: one round trip.
 
         A result is written only if the job has none yet (SET NX): a job delivered twice
-        keeps its first answer, so no one ever sees two. Results of ``quiet`` jobs are
-        written but not published. The ``settled`` messages are struck off the ledger. Two
-        round trips, whatever the batch size.
+        keeps its first answer, so no one ever sees two, and the counters count each job
+        once (written and counted in one script, so a process killed mid-store can't leave
+        them apart). Results of ``quiet`` jobs are written but not published. The
+        ``settled`` messages are struck off the ledger.
         """
-        if not results:
-            if settled:
-                with self.redis.pipeline(transaction=False) as pipe:
-                    ledger.settle(pipe, settled)
-                    pipe.execute()
-            return
-        ttl = self.settings.result_ttl_s
-        metas = [encode_result_meta(result) for result in results]
+        args: list[Any] = [self.settings.result_ttl_s, f"{time.time():.3f}"]
+        for result in results:
+            args += [
+                result_key(result.job_id),
+                encode_result_meta(result),
+                0 if result.job_id in quiet else 1,
+                1 if result.status == FAILURE else 0,
+            ]
         with self.redis.pipeline(transaction=False) as pipe:
-            for result, meta in zip(results, metas, strict=True):
-                pipe.set(result_key(result.job_id), meta, ex=ttl, nx=True)
-            written = pipe.execute()
-        failed = 0
-        with self.redis.pipeline(transaction=False) as pipe:
-            for result, meta, new in zip(results, metas, written, strict=True):
-                if new and result.job_id not in quiet:
-                    pipe.publish(result_key(result.job_id), meta)
-                failed += bool(new) and result.status == FAILURE
-            pipe.delete(*(deaths_key(result.job_id) for result in results))
+            pipe.eval(_STORE, 1, STATS_KEY, *args)
+            if results:
+                pipe.delete(*(deaths_key(result.job_id) for result in results))
             ledger.settle(pipe, settled)
-            pipe.hincrby(STATS_KEY, "done", sum(map(bool, written)) - failed)
-            pipe.hincrby(STATS_KEY, "failed", failed)
-            pipe.hincrby(STATS_KEY, "batches", 1)
-            pipe.hset(STATS_KEY, "last_batch_at", f"{time.time():.3f}")
             pipe.execute()
+
+
+# KEYS[1]: the stats hash. ARGV: ttl, now, then key, meta, notify, failed per result.
+_STORE = """
+local done, failed = 0, 0
+for i = 3, #ARGV, 4 do
+  if redis.call('SET', ARGV[i], ARGV[i + 1], 'EX', tonumber(ARGV[1]), 'NX') then
+    if ARGV[i + 2] == '1' then redis.call('PUBLISH', ARGV[i], ARGV[i + 1]) end
+    if ARGV[i + 3] == '1' then failed = failed + 1 else done = done + 1 end
+  end
+end
+redis.call('HINCRBY', KEYS[1], 'done', done)
+redis.call('HINCRBY', KEYS[1], 'failed', failed)
+redis.call('HINCRBY', KEYS[1], 'batches', 1)
+redis.call('HSET', KEYS[1], 'last_batch_at', ARGV[2])
+return done + failed
+"""
 
 
 def postprocess(
