@@ -120,9 +120,17 @@ class Job:
             raise WireError(f"malformed job: {exc}") from exc
 
 
-def jobs_to_kwargs(jobs: list[Job]) -> dict[str, Any]:
-    """The Celery task kwargs carrying these jobs."""
-    return {"jobs": [job.to_wire() for job in jobs]}
+def jobs_to_kwargs(jobs: list[Job], alone: bool = False) -> dict[str, Any]:
+    """The Celery task kwargs carrying these jobs; ``alone``: run them in a batch of their own."""
+    kwargs: dict[str, Any] = {"jobs": [job.to_wire() for job in jobs]}
+    if alone:
+        kwargs["alone"] = True
+    return kwargs
+
+
+def runs_alone(kwargs: Any) -> bool:
+    """Whether a message must make a batch by itself (a job suspected of killing workers)."""
+    return isinstance(kwargs, dict) and kwargs.get("alone") is True
 
 
 def jobs_from_kwargs(kwargs: Any) -> list[Job]:
@@ -156,7 +164,9 @@ def encode_message(jobs: list[Job], queue: str, message_id: str | None = None) -
     return build_message(jobs, queue, message_id).raw
 
 
-def build_message(jobs: list[Job], queue: str, message_id: str | None = None) -> Message:
+def build_message(
+    jobs: list[Job], queue: str, message_id: str | None = None, alone: bool = False
+) -> Message:
     """A Celery protocol-2 task message for ``jobs``, in kombu's Redis envelope.
 
     Written by hand rather than through kombu so a producer can push many messages in one
@@ -170,7 +180,7 @@ def build_message(jobs: list[Job], queue: str, message_id: str | None = None) ->
     body = json.dumps(
         [
             [],
-            jobs_to_kwargs(jobs),
+            jobs_to_kwargs(jobs, alone),
             {"callbacks": None, "errbacks": None, "chain": None, "chord": None},
         ]
     ).encode()

@@ -10,6 +10,8 @@ things:
   that will not fill. While some pool processes are busy, the buffer fills until
   ``batch_size`` jobs or ``batch_wait_ms`` pass; while all are busy, it fills until one is
   free, which then takes the next batch at once.
+- A message marked ``alone`` (a job whose worker died, sent back by itself) makes a batch of
+  its own: merged with others it would be sent back again, and could take them down.
 - Messages are acknowledged only after their batch has stored its results. A batch that
   raised, or whose pool process died, is rejected and requeued (celery-batches acks it
   regardless, leaving its jobs PENDING forever); a death is counted against each of the
@@ -19,6 +21,7 @@ things:
 from __future__ import annotations
 
 import logging
+from collections import deque
 from collections.abc import Callable, Collection
 from queue import Empty
 from typing import Any
@@ -27,7 +30,7 @@ from billiard.exceptions import WorkerLostError
 from celery_batches import Batches, SimpleRequest
 from celery_batches.trace import apply_batches_task
 
-from producer.wire import job_ids_in
+from producer.wire import job_ids_in, runs_alone
 
 log = logging.getLogger(__name__)
 
@@ -73,6 +76,8 @@ class DynamicBatches(Batches):
         super().__init__()
         self._busy = 0
         self._generation = 0
+        # A request taken from the buffer that must start the next batch (see _next_batch).
+        self._carry: deque[Any] = deque()
 
     def Strategy(self, task: Batches, app: Any, consumer: Any) -> Callable[..., None]:
         """Wrap celery-batches' message handler with the flush-when-idle rule.
@@ -84,6 +89,7 @@ class DynamicBatches(Batches):
         """
         self._generation += 1
         self._busy = 0
+        self._carry.clear()
         while not self._buffer.empty():
             self._buffer.get_nowait()
         if self._tref is not None:
@@ -101,24 +107,39 @@ class DynamicBatches(Batches):
     def _do_flush(self) -> None:
         """Give free pool processes a batch each (called on messages, timer and completions)."""
         while self._busy < self.pool_slots:
-            batch, jobs = [], 0
-            while jobs < self.flush_every:
+            batch = self._next_batch()
+            if not batch:
+                break
+            self.flush(batch)
+        if self._buffer.empty() and not self._carry and self._tref is not None:
+            self._tref.cancel()
+            self._tref = None
+
+    def _next_batch(self) -> list[Any]:
+        """Buffered requests for one batch: up to ``flush_every`` jobs, or one ``alone``."""
+        batch: list[Any] = []
+        jobs = 0
+        while jobs < self.flush_every:
+            if self._carry:
+                request = self._carry.popleft()
+            else:
                 try:
                     request = self._buffer.get_nowait()
                 except Empty:
                     break
-                batch.append(request)
-                jobs += jobs_in(request)
-            if not batch:
-                break
-            self.flush(batch)
-        if self._buffer.empty() and self._tref is not None:
-            self._tref.cancel()
-            self._tref = None
+            if runs_alone(request_kwargs(request)):
+                if batch:
+                    self._carry.append(request)
+                    break
+                return [request]
+            batch.append(request)
+            jobs += jobs_in(request)
+        return batch
 
     def _buffered_jobs(self) -> int:
         # The buffer holds at most the prefetch count of messages: a short sum.
-        return sum(jobs_in(request) for request in list(self._buffer.queue))
+        waiting = list(self._carry) + list(self._buffer.queue)
+        return sum(jobs_in(request) for request in waiting)
 
     def flush(self, requests: Collection[Any]) -> Any:
         """Hand the requests to a pool process; ack on success, requeue on failure."""

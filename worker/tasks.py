@@ -111,7 +111,7 @@ class BatchRunner:
     def isolate(self, jobs: Sequence[Job]) -> None:
         """Send each suspect job back as a message of its own, so a poison one dies alone."""
         queue = self.settings.queue
-        messages = [build_message([job], queue, new_job_id()) for job in jobs]
+        messages = [build_message([job], queue, new_job_id(), alone=True) for job in jobs]
         ledger.push(self.redis, queue, messages, self.settings.visibility_timeout_s)
         log.warning("isolated %d jobs whose worker died: %s", len(jobs),
                     ", ".join(job.id for job in jobs))  # fmt: skip

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -19,7 +20,7 @@ import pytest
 from producer.client import Client
 from producer.local import RedisServer, WorkerProcess
 from producer.settings import Settings
-from producer.wire import STATS_KEY, deaths_key
+from producer.wire import STATS_KEY, deaths_key, heartbeat_key
 from tests.factories import digit_paths, label_of, wait_until_serving
 
 pytestmark = pytest.mark.integration
@@ -99,27 +100,41 @@ def children(pid: int) -> list[int]:
     return [int(p) for p in path.read_text().split()] if path.exists() else []
 
 
-def busy_child(pid: int, timeout: float = 10) -> int:
-    """A pool process that is running (state R) right now: one in the middle of a batch."""
+def busy_child(client: Client, pid: int, timeout: float = 30) -> int:
+    """A serving pool process that is running (state R) right now: one in the middle of a batch.
+
+    Serving means warmed up, which its heartbeat says: a replacement process still loading its
+    model is busy too, but holds no batch.
+    """
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         for child in children(pid):
-            stat = Path(f"/proc/{child}/stat").read_text()
-            if stat.rsplit(")", 1)[1].split()[0] == "R":
+            try:
+                stat = Path(f"/proc/{child}/stat").read_text()
+            except FileNotFoundError:
+                continue
+            serving = client.redis.exists(heartbeat_key(f"{socket.gethostname()}:{child}"))
+            if stat.rsplit(")", 1)[1].split()[0] == "R" and serving:
                 return child
-    raise AssertionError("no pool process was busy")
+    raise AssertionError("no serving pool process was busy")
 
 
 def test_sigkill_of_a_pool_process_mid_batch(redis_url: str) -> None:
-    worker, client, ids, labels = start_run(redis_url, answered=200, jobs=2 * JOBS)
+    worker, client, ids, labels = start_run(redis_url, answered=200)
     try:
         assert worker.process is not None
-        # A process seen running may still be between batches: kill again (at most 5 times)
+        # A process seen running may not have taken its batch yet (the pool then gives the
+        # batch to another process): kill again, with more jobs queued if the run ran low,
         # until one dies holding a batch, which the worker's log then reports.
+        paths = digit_paths()
         kills = 0
         while "died holding" not in worker.log_path.read_text():
-            assert kills < 5, "no kill caught a process holding a batch"
-            os.kill(busy_child(worker.process.pid), signal.SIGKILL)
+            assert kills < 10, "no kill caught a process holding a batch"
+            if int(client.redis.hget(STATS_KEY, "done") or 0) > len(ids) - 1000:
+                more = [paths[i % len(paths)] for i in range(1000)]
+                ids += client.submit_many(more)
+                labels += [label_of(p) for p in more]
+            os.kill(busy_child(client, worker.process.pid), signal.SIGKILL)
             kills += 1
             broke_at = time.monotonic()
             while "died holding" not in worker.log_path.read_text():

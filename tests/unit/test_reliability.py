@@ -69,7 +69,7 @@ def test_jobs_whose_worker_died_are_isolated_one_a_message(runner, fake_redis) -
     requeued = [json.loads(raw) for raw in fake_redis.lrange("batchery", 0, -1)]
     kwargs = [json.loads(base64.b64decode(m["body"]))[1] for m in requeued]
     assert sorted(j.id for k in kwargs for j in jobs_from_kwargs(k)) == ["job-1", "job-3"]
-    assert all(len(k["jobs"]) == 1 for k in kwargs)
+    assert all(len(k["jobs"]) == 1 and k["alone"] is True for k in kwargs)
     # Alone in its batch, a suspect simply runs; its death count is cleared once answered.
     [alone] = runner.run([Request("m", kwargs[0])])
     assert alone.status == "SUCCESS"

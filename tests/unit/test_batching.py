@@ -1,0 +1,64 @@
+"""How the worker's main process cuts buffered messages into batches (no pool, no broker)."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+from typing import Any
+
+from producer.wire import Job, jobs_to_kwargs
+from worker.batching import DynamicBatches
+
+
+class RecordingBatches(DynamicBatches):
+    """DynamicBatches whose flush records each batch instead of handing it to a pool."""
+
+    def __init__(self, slots: int, batch_size: int) -> None:
+        super().__init__()
+        self.pool_slots = slots
+        self.flush_every = batch_size
+        self.batches: list[list[str]] = []
+
+    def flush(self, requests: Any) -> None:
+        self._busy += 1
+        self.batches.append([r.id for r in requests])
+
+
+def message(name: str, n_jobs: int, alone: bool = False) -> SimpleNamespace:
+    jobs = [Job(f"{name}-{i}", b"x") for i in range(n_jobs)]
+    return SimpleNamespace(id=name, _payload=((), jobs_to_kwargs(jobs, alone), {}))
+
+
+def buffered(task: RecordingBatches, *messages: SimpleNamespace) -> RecordingBatches:
+    for m in messages:
+        task._buffer.put_nowait(m)
+    return task
+
+
+def test_batches_are_counted_in_jobs_not_messages() -> None:
+    chunks = [message("a", 5), message("b", 5), message("c", 1), message("d", 16)]
+    task = buffered(RecordingBatches(slots=3, batch_size=8), *chunks)
+    task._do_flush()
+    # A batch closes once it holds batch_size jobs; a chunk is never split.
+    assert task.batches == [["a", "b"], ["c", "d"]]
+
+
+def test_a_message_marked_alone_makes_a_batch_of_its_own() -> None:
+    task = buffered(RecordingBatches(slots=5, batch_size=64),
+                    message("a", 1), message("s1", 1, alone=True), message("s2", 1, alone=True),
+                    message("b", 1), message("c", 1))  # fmt: skip
+    task._do_flush()
+    assert task.batches == [["a"], ["s1"], ["s2"], ["b", "c"]]
+
+
+def test_no_batch_goes_out_while_every_pool_process_is_busy() -> None:
+    task = buffered(RecordingBatches(slots=1, batch_size=2),
+                    message("a", 1), message("s", 1, alone=True), message("b", 1))  # fmt: skip
+    task._do_flush()
+    assert task.batches == [["a"]]
+    assert task._buffered_jobs() == 2  # "s" waits at the head, carried over, not lost
+    task._busy = 0
+    task._do_flush()
+    assert task.batches == [["a"], ["s"]]
+    task._busy = 0
+    task._do_flush()
+    assert task.batches == [["a"], ["s"], ["b"]]
