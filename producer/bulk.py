@@ -214,7 +214,7 @@ def classify(
     bar = tqdm(total=total, unit="img", file=progress, disable=progress is None,
                dynamic_ncols=True, smoothing=0.05)  # fmt: skip
     chunk = client.settings.chunk_size
-    limit = client.settings.max_image_bytes
+    limit, max_pixels = client.settings.max_image_bytes, client.settings.max_image_pixels
     # In flight, in input order: key -> (path, job id). A refused input has no job id; its
     # answer is known at once, and its row still comes in its place.
     inflight: OrderedDict[str, tuple[str, str]] = OrderedDict()
@@ -236,7 +236,7 @@ def classify(
                     bar.update(1)
                 else:
                     try:
-                        data = read_checked(path, limit)
+                        data = read_checked(path, limit, max_pixels)
                         job = Job(new_job_id(), data, model, version, time.time(), notify=False)
                     except (OSError, InvalidImageError) as exc:
                         key = new_job_id()
@@ -286,8 +286,8 @@ def classify(
     return summary
 
 
-def read_checked(path: str, limit: int) -> bytes:
-    """A file's bytes, if it is an image within the byte limit (checked before reading)."""
+def read_checked(path: str, limit: int, max_pixels: int) -> bytes:
+    """A file's bytes, if it is a whole image within the limits (bytes checked before reading)."""
     with open(path, "rb") as fh:
         size = os.fstat(fh.fileno()).st_size
         if size > limit:
@@ -296,7 +296,7 @@ def read_checked(path: str, limit: int) -> bytes:
                 "(BATCHERY_MAX_IMAGE_BYTES)"
             )
         data = fh.read()
-    check_image_bytes(data, path, limit)
+    check_image_bytes(data, path, limit, max_pixels)
     return data
 
 

@@ -16,6 +16,7 @@ from producer.errors import QueueFullError, RedisUnavailableError, ResultTimeout
 from producer.images import ImageInput, image_bytes
 from producer.registry import Registry
 from producer.settings import Settings, redact_url
+from producer.signing import Signer
 from producer.wire import (
     Job,
     build_message,
@@ -49,8 +50,9 @@ class Client:
         self.settings = settings
         # Each thread waiting on a result holds a subscriber connection: room for many threads.
         self._redis = redis_client or redis.Redis.from_url(
-            settings.redis_url, max_connections=MAX_CONNECTIONS
+            settings.redis_url, max_connections=MAX_CONNECTIONS, **settings.redis_ssl()
         )
+        self._signer = Signer.from_settings(settings)
         self._outbox: list[_Ticket] = []
         self._pushing = False
         self._outbox_ready = threading.Condition()
@@ -82,8 +84,8 @@ class Client:
         if model is not None or version is not None:
             self.check_model(model, version)
         now = time.time()
-        limit = self.settings.max_image_bytes
-        jobs = [Job(new_job_id(), image_bytes(img, limit), model, version, now) for img in images]
+        limits = self.settings.max_image_bytes, self.settings.max_image_pixels
+        jobs = [Job(new_job_id(), image_bytes(img, *limits), model, version, now) for img in images]
         self.enqueue(jobs)
         return [job.id for job in jobs]
 
@@ -126,7 +128,10 @@ class Client:
     def _push(self, jobs: list[Job]) -> None:
         size = self.settings.chunk_size
         queue = self.settings.queue
-        messages = [build_message(jobs[i : i + size], queue) for i in range(0, len(jobs), size)]
+        messages = [
+            build_message(jobs[i : i + size], queue, signer=self._signer)
+            for i in range(0, len(jobs), size)
+        ]
         limit = self.settings.max_queue
         check_after = self.settings.visibility_timeout_s
 

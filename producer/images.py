@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import io
 import os
+import struct
 from pathlib import Path
 from typing import Any, TypeAlias
 
@@ -40,7 +41,7 @@ def describe(image: Any) -> str:
     return f"<{type(image).__name__}>"
 
 
-def image_bytes(image: ImageInput, max_bytes: int) -> bytes:
+def image_bytes(image: ImageInput, max_bytes: int, max_pixels: int) -> bytes:
     """The encoded image bytes to send for ``image``, checked; :class:`InvalidImageError` if not.
 
     Paths and bytes are sent as they are (the worker decodes them); PIL images and arrays are
@@ -57,7 +58,7 @@ def image_bytes(image: ImageInput, max_bytes: int) -> bytes:
         data = _png(Image.fromarray(_as_uint8_image(image)))
     else:
         raise InvalidImageError(f"{name}: expected a path, bytes, a PIL image or a numpy array")
-    check_image_bytes(data, name, max_bytes)
+    check_image_bytes(data, name, max_bytes, max_pixels)
     return data
 
 
@@ -77,8 +78,13 @@ def sniff_format(data: bytes) -> str | None:
     return None
 
 
-def check_image_bytes(data: bytes, name: str, max_bytes: int) -> str:
-    """Check size and format from the first bytes alone; return the format name."""
+def check_image_bytes(data: bytes, name: str, max_bytes: int, max_pixels: int) -> str:
+    """Check size, format, dimensions and completeness from the bytes' structure alone.
+
+    No pixel is decoded: the format's header gives width and height, its end marker (or
+    declared length) tells a truncated file. Returns the format name;
+    :class:`InvalidImageError` names the input and the limit it broke.
+    """
     if not data:
         raise InvalidImageError(f"{name}: empty input")
     if len(data) > max_bytes:
@@ -87,16 +93,120 @@ def check_image_bytes(data: bytes, name: str, max_bytes: int) -> str:
             "(BATCHERY_MAX_IMAGE_BYTES)"
         )
     fmt = sniff_format(data)
-    if fmt is not None:
-        return fmt
-    # Not an accepted format: let Pillow name what it is, for a useful message.
+    if fmt is None:
+        raise _other_format(data, name)
+    try:
+        width, height = _STRUCTURE[fmt](data)
+    except _Truncated as exc:
+        raise InvalidImageError(f"{name}: truncated {fmt} file ({exc})") from exc
+    except (struct.error, IndexError, ValueError) as exc:
+        raise InvalidImageError(f"{name}: not a readable {fmt} file ({exc})") from exc
+    if width <= 0 or height <= 0:
+        raise InvalidImageError(f"{name}: {fmt} header says {width}x{height} pixels")
+    if width * height > max_pixels:
+        raise InvalidImageError(
+            f"{name}: {width}x{height} = {width * height} pixels is over the limit of "
+            f"{max_pixels} pixels (BATCHERY_MAX_IMAGE_PIXELS)"
+        )
+    return fmt
+
+
+def _other_format(data: bytes, name: str) -> InvalidImageError:
+    """The error for bytes of no accepted format; Pillow names what they are, if it can."""
+    allowed = ", ".join(sorted(ALLOWED_FORMATS))
     try:
         with Image.open(io.BytesIO(data)) as img:
             other = img.format or "unknown"
-    except (UnidentifiedImageError, OSError, ValueError) as exc:
-        raise InvalidImageError(f"{name}: not a readable image ({exc})") from exc
-    allowed = ", ".join(sorted(ALLOWED_FORMATS))
-    raise InvalidImageError(f"{name}: format {other} is not accepted (allowed: {allowed})")
+    except (UnidentifiedImageError, OSError, ValueError):
+        return InvalidImageError(f"{name}: not a readable image (accepted: {allowed})")
+    return InvalidImageError(f"{name}: format {other} is not accepted (allowed: {allowed})")
+
+
+class _Truncated(ValueError):
+    """The file stops before its format says it ends."""
+
+
+def _png_structure(data: bytes) -> tuple[int, int]:
+    if data[12:16] != b"IHDR":
+        raise ValueError("no IHDR chunk")
+    width, height = struct.unpack(">II", data[16:24])
+    # Every PNG ends with an empty IEND chunk, whose type and fixed CRC are these 8 bytes.
+    if data.rfind(b"IEND\xaeB`\x82", 33) < 0:
+        raise _Truncated("no IEND chunk at the end")
+    return width, height
+
+
+#: JPEG start-of-frame markers (C0-CF, less DHT C4, JPG C8 and DAC CC), which carry the size.
+_SOF = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}
+
+
+def _jpeg_structure(data: bytes) -> tuple[int, int]:
+    size: tuple[int, int] | None = None
+    i = 2
+    while i + 4 <= len(data):
+        if data[i] != 0xFF:
+            raise ValueError(f"no marker at byte {i}")
+        marker = data[i + 1]
+        if marker == 0xFF:  # fill byte
+            i += 1
+            continue
+        length = struct.unpack(">H", data[i + 2 : i + 4])[0]
+        if marker in _SOF:
+            height, width = struct.unpack(">HH", data[i + 5 : i + 9])
+            size = (width, height)
+        if marker == 0xDA:  # start of scan: entropy-coded data follows
+            if size is None:
+                raise ValueError("no frame header before the scan")
+            # Inside the scan an FF byte is always followed by 00 or a restart marker, so the
+            # first FF D9 after it is the end-of-image marker: a file without it is cut short.
+            if data.find(b"\xff\xd9", i + 2 + length) < 0:
+                raise _Truncated("no end-of-image marker")
+            return size
+        i += 2 + length
+    raise _Truncated("no image data")
+
+
+def _webp_structure(data: bytes) -> tuple[int, int]:
+    declared = struct.unpack("<I", data[4:8])[0] + 8
+    if declared > len(data):
+        raise _Truncated(f"{declared} bytes declared, {len(data)} present")
+    chunk = data[12:16]
+    if chunk == b"VP8 ":
+        width, height = struct.unpack("<HH", data[26:30])
+        return width & 0x3FFF, height & 0x3FFF
+    if chunk == b"VP8L":
+        bits = struct.unpack("<I", data[21:25])[0]
+        return (bits & 0x3FFF) + 1, ((bits >> 14) & 0x3FFF) + 1
+    if chunk == b"VP8X":
+        width = int.from_bytes(data[24:27], "little") + 1
+        height = int.from_bytes(data[27:30], "little") + 1
+        return width, height
+    raise ValueError(f"unknown WEBP chunk {chunk!r}")
+
+
+def _bmp_structure(data: bytes) -> tuple[int, int]:
+    offset = struct.unpack("<I", data[10:14])[0]
+    header = struct.unpack("<I", data[14:18])[0]
+    if header == 12:  # OS/2 core header
+        width, height = struct.unpack("<HH", data[18:22])
+        bpp, compression = struct.unpack("<H", data[24:26])[0], 0
+    else:
+        width, height = struct.unpack("<ii", data[18:26])
+        bpp, compression = struct.unpack("<HI", data[28:34])
+    height = abs(height)
+    if compression == 0:  # uncompressed: the pixel rows' size is known
+        needed = offset + (width * bpp + 31) // 32 * 4 * height
+        if needed > len(data):
+            raise _Truncated(f"{needed} bytes of pixels expected, {len(data)} present")
+    return width, height
+
+
+_STRUCTURE = {
+    "PNG": _png_structure,
+    "JPEG": _jpeg_structure,
+    "WEBP": _webp_structure,
+    "BMP": _bmp_structure,
+}
 
 
 def _read_file(path: Path, max_bytes: int) -> bytes:

@@ -17,6 +17,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
+from typing import Any
 
 import redis
 
@@ -30,9 +31,11 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def redis_answers(url: str, timeout: float = 1.0) -> bool:
-    """True if a Redis server answers PING at ``url``."""
-    client = redis.Redis.from_url(url, socket_connect_timeout=timeout, socket_timeout=timeout)
+def redis_answers(url: str, timeout: float = 1.0, **options: Any) -> bool:
+    """True if a Redis server answers PING at ``url`` (``options``: e.g. TLS files)."""
+    client = redis.Redis.from_url(
+        url, socket_connect_timeout=timeout, socket_timeout=timeout, **options
+    )
     try:
         return bool(client.ping())
     except (redis.ConnectionError, redis.TimeoutError, redis.ResponseError, OSError):
@@ -49,6 +52,9 @@ class RedisServer:
     args: tuple[str, ...] = ()
     workdir: Path | None = None
     process: subprocess.Popen[bytes] | None = None
+    #: How to reach it once it is up, when ``url`` can't (a password, TLS): URL and options.
+    ready_url: str | None = None
+    ready_options: dict[str, Any] = field(default_factory=dict)
 
     @property
     def url(self) -> str:
@@ -80,7 +86,7 @@ class RedisServer:
         ]
         self.process = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + timeout
-        while not redis_answers(self.url, 0.2):
+        while not redis_answers(self.ready_url or self.url, 0.2, **self.ready_options):
             if self.process.poll() is not None or time.monotonic() > deadline:
                 self.stop()
                 raise RedisUnavailableError(f"redis-server on port {self.port} did not start")

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import os
+import ssl
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 from producer.errors import ConfigError
@@ -38,6 +40,48 @@ class Settings:
     connect_retry_s: float = 10.0
     max_image_bytes: int = 10 * 1024 * 1024
     max_image_pixels: int = 40_000_000
+    redis_tls_ca: Path | None = None
+    redis_tls_cert: Path | None = None
+    redis_tls_key: Path | None = None
+    signing_key: Path | None = None
+    signing_cert: Path | None = None
+    signing_certs: Path | None = None
+
+    def __post_init__(self) -> None:
+        tls = (self.redis_tls_ca, self.redis_tls_cert, self.redis_tls_key)
+        if any(tls) and not self.redis_url.startswith("rediss://"):
+            raise ConfigError(
+                "BATCHERY_REDIS_TLS_* are set but BATCHERY_REDIS_URL is not rediss://"
+            )
+        if bool(self.redis_tls_cert) != bool(self.redis_tls_key):
+            raise ConfigError("BATCHERY_REDIS_TLS_CERT and BATCHERY_REDIS_TLS_KEY go together")
+        signing = (self.signing_key, self.signing_cert, self.signing_certs)
+        if any(signing) and not all(signing):
+            raise ConfigError(
+                "message signing needs BATCHERY_SIGNING_KEY, BATCHERY_SIGNING_CERT and "
+                "BATCHERY_SIGNING_CERTS together"
+            )
+
+    @property
+    def signing(self) -> bool:
+        """Whether task messages are signed and only signed ones accepted."""
+        return self.signing_key is not None
+
+    def redis_ssl(self) -> dict[str, Any]:
+        """TLS options for a ``rediss://`` URL (redis-py, kombu and Celery take the same keys).
+
+        The server's certificate is always verified: against BATCHERY_REDIS_TLS_CA, or the
+        system's CAs without it. Empty for a plain ``redis://`` URL.
+        """
+        if not self.redis_url.startswith("rediss://"):
+            return {}
+        options: dict[str, Any] = {"ssl_cert_reqs": ssl.CERT_REQUIRED}
+        for key, path in (("ssl_ca_certs", self.redis_tls_ca),
+                          ("ssl_certfile", self.redis_tls_cert),
+                          ("ssl_keyfile", self.redis_tls_key)):  # fmt: skip
+            if path is not None:
+                options[key] = str(path)
+        return options
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -60,6 +104,14 @@ class Settings:
             if value < minimum:
                 raise ConfigError(f"{name}={raw!r} must be at least {minimum}")
             return value
+
+        def path(name: str) -> Path | None:
+            value = env.get(name, "").strip()
+            if not value:
+                return None
+            if not Path(value).exists():
+                raise ConfigError(f"{name}={value!r}: no such file or directory")
+            return Path(value)
 
         return cls(
             redis_url=text("BATCHERY_REDIS_URL", defaults.redis_url),
@@ -92,6 +144,12 @@ class Settings:
             ),
             max_image_bytes=int(number("BATCHERY_MAX_IMAGE_BYTES", defaults.max_image_bytes)),
             max_image_pixels=int(number("BATCHERY_MAX_IMAGE_PIXELS", defaults.max_image_pixels)),
+            redis_tls_ca=path("BATCHERY_REDIS_TLS_CA"),
+            redis_tls_cert=path("BATCHERY_REDIS_TLS_CERT"),
+            redis_tls_key=path("BATCHERY_REDIS_TLS_KEY"),
+            signing_key=path("BATCHERY_SIGNING_KEY"),
+            signing_cert=path("BATCHERY_SIGNING_CERT"),
+            signing_certs=path("BATCHERY_SIGNING_CERTS"),
         )
 
 

@@ -18,7 +18,7 @@ import socket
 import uuid
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, Protocol
 
 from producer.errors import WireError
 
@@ -164,8 +164,22 @@ def encode_message(jobs: list[Job], queue: str, message_id: str | None = None) -
     return build_message(jobs, queue, message_id).raw
 
 
+class BodySigner(Protocol):
+    """Signs a task message's body (see ``producer.signing``)."""
+
+    content_type: str
+
+    def sign(self, payload: Any) -> bytes:
+        """The signed body for ``payload``."""
+        ...
+
+
 def build_message(
-    jobs: list[Job], queue: str, message_id: str | None = None, alone: bool = False
+    jobs: list[Job],
+    queue: str,
+    message_id: str | None = None,
+    alone: bool = False,
+    signer: BodySigner | None = None,
 ) -> Message:
     """A Celery protocol-2 task message for ``jobs``, in kombu's Redis envelope.
 
@@ -177,19 +191,18 @@ def build_message(
         raise ValueError("a message carries at least one job")
     task_id = message_id or (jobs[0].id if len(jobs) == 1 else new_job_id())
     tag = str(uuid.uuid4())
-    body = json.dumps(
-        [
-            [],
-            jobs_to_kwargs(jobs, alone),
-            {"callbacks": None, "errbacks": None, "chain": None, "chord": None},
-        ]
-    ).encode()
+    payload = [
+        [],
+        jobs_to_kwargs(jobs, alone),
+        {"callbacks": None, "errbacks": None, "chain": None, "chord": None},
+    ]
+    body = signer.sign(payload) if signer else json.dumps(payload).encode()
     # argsrepr/kwargsrepr are what Celery logs: job ids only, never image bytes.
     ids = ", ".join(job.id for job in jobs[:3]) + (", ..." if len(jobs) > 3 else "")
     envelope = {
         "body": base64.b64encode(body).decode("ascii"),
         "content-encoding": "utf-8",
-        "content-type": "application/json",
+        "content-type": signer.content_type if signer else "application/json",
         "headers": {
             "lang": "py",
             "task": TASK_CLASSIFY,
@@ -301,6 +314,13 @@ def decode_result_meta(raw: bytes | str) -> dict[str, Any]:
     try:
         meta = json.loads(raw)
         result = meta["result"]
+        if meta.get("status") == FAILURE and isinstance(result, dict) and "exc_type" in result:
+            # Celery's own failure format (a plain Celery worker refused the task).
+            message = result.get("exc_message")
+            if isinstance(message, list):
+                message = " ".join(str(part) for part in message)
+            error = f"{result['exc_type']}: {message}"
+            return JobResult.failure(str(meta.get("task_id")), error).to_dict()
         if not isinstance(result, dict) or "status" not in result:
             raise TypeError("result is not a Batchery result dict")
         return result

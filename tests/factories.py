@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import io
+import struct
 import time
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -53,9 +55,21 @@ def big_rgb_jpeg(path: Path, size: int = 56) -> bytes:
 
 
 def truncated_png(path: Path) -> bytes:
-    """A real PNG cut short: its header reads fine, its pixels do not decode."""
+    """A real PNG cut short: its header reads fine, its end is missing."""
     data = path.read_bytes()
     return data[: len(data) // 2]
+
+
+def corrupt_png(path: Path) -> bytes:
+    """A real PNG whose pixel data is garbage: its structure is whole, its pixels don't decode.
+
+    What a producer's checks can't see (they read no pixel): only the worker finds out.
+    """
+    data = bytearray(path.read_bytes())
+    start = data.index(b"IDAT") + 4
+    length = struct.unpack(">I", data[start - 8 : start - 4])[0]
+    data[start + 2 : start + length] = b"\xff" * (length - 2)
+    return bytes(data)
 
 
 def noise_array(shape: tuple[int, ...] = (28, 28), seed: int = 0) -> np.ndarray:
@@ -79,3 +93,25 @@ def wait_until_serving(client: Client, worker: WorkerProcess, timeout: float = 2
         worker.check_alive()
         assert time.monotonic() < deadline, f"worker did not answer within {timeout:g} s"
         time.sleep(0.2)
+
+
+def png_chunk(kind: bytes, payload: bytes) -> bytes:
+    """One PNG chunk: length, type, payload, CRC."""
+    crc = zlib.crc32(kind + payload) & 0xFFFFFFFF
+    return struct.pack(">I", len(payload)) + kind + payload + struct.pack(">I", crc)
+
+
+def bomb_png(width: int, height: int) -> bytes:
+    """A small, well-formed PNG whose header claims ``width`` x ``height`` gray pixels.
+
+    A decoder that trusts it allocates width x height bytes before finding the data short:
+    a decompression bomb's effect, without building one.
+    """
+    header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    rows = zlib.compress(b"\x00" * (width + 1) * 4)
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + png_chunk(b"IHDR", header)
+        + png_chunk(b"IDAT", rows)
+        + png_chunk(b"IEND", b"")
+    )

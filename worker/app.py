@@ -18,17 +18,20 @@ from typing import Any
 
 import redis
 from celery import Celery, signals
+from celery.exceptions import ImproperlyConfigured
 from redis.backoff import ExponentialBackoff
 from redis.retry import Retry
 
 from producer import ledger
-from producer.errors import BatcheryError
+from producer.errors import BatcheryError, ConfigError
 from producer.registry import ModelInfo, Registry
 from producer.settings import Settings, redact_url
 from producer.wire import TASK_CLASSIFY, deaths_key, heartbeat_key
 from worker.batching import BATCH_DONE, DynamicBatches
 from worker.models import ModelCache
+from worker.refusals import refusing_consumer
 from worker.tasks import BatchRunner, RequestLike
+from worker.transport import Transport
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +45,7 @@ def redis_client(settings: Settings) -> redis.Redis:
         retry=Retry(ExponentialBackoff(cap=2.0, base=0.05), retries=20),
         retry_on_error=[redis.ConnectionError, redis.TimeoutError],
         health_check_interval=10,
+        **settings.redis_ssl(),
     )
 
 
@@ -121,10 +125,12 @@ def create_app(settings: Settings) -> Celery:
     )
     # Room for two full batches per pool process, so a batch can fill while one runs.
     prefetch = math.ceil(2 * settings.batch_size / max(1, settings.concurrency))
+    # Signed messages only, when signing is set up; JSON alone otherwise. Never pickle.
+    accept = ["auth"] if settings.signing else ["json"]
     app.conf.update(
-        task_serializer="json",
+        task_serializer=accept[0],
         result_serializer="json",
-        accept_content=["json"],
+        accept_content=accept,
         result_accept_content=["json"],
         result_expires=settings.result_ttl_s,
         task_default_queue=settings.queue,
@@ -150,7 +156,15 @@ def create_app(settings: Settings) -> Celery:
         worker_enable_soft_shutdown_on_idle=True,
         worker_send_task_events=True,
         task_send_sent_event=False,
+        # Refused messages: logged without their bodies, their jobs failed (see refusals).
+        worker_consumer=refusing_consumer(settings, redis_client),
+        # Unreadable messages dropped rather than stopping the worker (see transport).
+        broker_transport=Transport,
+        broker_use_ssl=settings.redis_ssl() or None,
+        redis_backend_use_ssl=settings.redis_ssl() or None,
     )
+    if settings.signing:
+        set_up_signing(app, settings)
 
     @app.task(
         base=DynamicBatches,
@@ -170,6 +184,21 @@ def create_app(settings: Settings) -> Celery:
 
     signals.worker_process_init.connect(load_models, weak=False)
     return app
+
+
+def set_up_signing(app: Celery, settings: Settings) -> None:
+    """Accept only task messages signed by a certificate in BATCHERY_SIGNING_CERTS."""
+    app.conf.update(
+        security_key=str(settings.signing_key),
+        security_certificate=str(settings.signing_cert),
+        security_cert_store=str(settings.signing_certs),
+        security_digest="sha256",
+    )
+    try:
+        # json stays readable for results; task messages are checked against accept_content.
+        app.setup_security(allowed_serializers=["auth", "json"])
+    except ImproperlyConfigured as exc:
+        raise ConfigError(f"message signing: {exc}") from exc
 
 
 def run_worker(settings: Settings, loglevel: str = "INFO") -> None:

@@ -16,7 +16,7 @@ import numpy as np
 from PIL import Image
 
 from producer.errors import InvalidImageError
-from producer.images import ALLOWED_FORMATS
+from producer.images import ALLOWED_FORMATS, check_image_bytes
 from producer.registry import ModelInfo
 
 # Pillow's own bomb check only warns below 2x its limit; ours (max_pixels) is checked on the
@@ -29,13 +29,12 @@ _FORMATS = sorted(ALLOWED_FORMATS)
 def decode(data: bytes, info: ModelInfo, max_bytes: int, max_pixels: int) -> np.ndarray:
     """``data`` as uint8 pixels of the model's input shape; :class:`InvalidImageError` if not.
 
-    Size, format and pixel count are checked from the header before any pixel is decoded, so
-    a hostile input costs at most ``max_bytes`` in and ``max_pixels`` decoded.
+    Size, format, pixel count and completeness are checked from the file's structure before
+    any pixel is decoded (the producer's own check, run again), then Pillow checks the pixel
+    count once more on its own reading of the header: a hostile input costs at most
+    ``max_bytes`` in and ``max_pixels`` decoded.
     """
-    if not data:
-        raise InvalidImageError("empty image")
-    if len(data) > max_bytes:
-        raise InvalidImageError(f"image is {len(data)} bytes, over the limit of {max_bytes}")
+    check_image_bytes(data, "image", max_bytes, max_pixels)
     height, width, _ = info.input_shape
     try:
         with Image.open(io.BytesIO(data), formats=_FORMATS) as img:

@@ -20,6 +20,7 @@ import redis
 from producer import ledger
 from producer.errors import BatcheryError, InvalidImageError, WireError
 from producer.settings import Settings
+from producer.signing import Signer
 from producer.wire import (
     DEAD_LETTER_KEY,
     FAILURE,
@@ -56,6 +57,7 @@ class BatchRunner:
         self.settings = settings
         self.models = models
         self.redis = redis_client
+        self.signer = Signer.from_settings(settings)
 
     def run(self, requests: Sequence[RequestLike]) -> list[JobResult]:
         """Answer every job in these messages and store the answers; return them.
@@ -72,7 +74,8 @@ class BatchRunner:
                 jobs.extend(jobs_from_kwargs(request.kwargs))
             except WireError as exc:
                 log.error("message %s: %s", request.id, exc)
-                ids = job_ids_in(request.kwargs)
+                # No job id readable: the message's own id is its job's, for a single job.
+                ids = job_ids_in(request.kwargs) or [str(request.id)]
                 results.extend(JobResult.failure(jid, f"malformed message: {exc}") for jid in ids)
         answered, deaths = self._history(jobs)
         fresh = [job for job in jobs if job.id not in answered]
@@ -92,8 +95,8 @@ class BatchRunner:
         runnable = [job for job in fresh if job.id not in held]
         results.extend(self.fail_poison(poison, deaths))
         results.extend(self.classify(runnable))
-        self.store(results, quiet={job.id for job in jobs if not job.notify},
-                   settled=[request.id for request in requests])  # fmt: skip
+        settled = [request.id for request in requests if isinstance(request.id, str)]
+        self.store(results, quiet={job.id for job in jobs if not job.notify}, settled=settled)
         return results
 
     def _history(self, jobs: Sequence[Job]) -> tuple[set[str], dict[str, int]]:
@@ -111,7 +114,10 @@ class BatchRunner:
     def isolate(self, jobs: Sequence[Job]) -> None:
         """Send each suspect job back as a message of its own, so a poison one dies alone."""
         queue = self.settings.queue
-        messages = [build_message([job], queue, new_job_id(), alone=True) for job in jobs]
+        messages = [
+            build_message([job], queue, new_job_id(), alone=True, signer=self.signer)
+            for job in jobs
+        ]
         ledger.push(self.redis, queue, messages, self.settings.visibility_timeout_s)
         log.warning("isolated %d jobs whose worker died: %s", len(jobs),
                     ", ".join(job.id for job in jobs))  # fmt: skip
@@ -187,34 +193,42 @@ class BatchRunner:
         self, results: Sequence[JobResult], quiet: Collection[str] = (),
         settled: Sequence[str] = (),
     ) -> None:  # fmt: skip
-        """Write every result, publish it to waiting clients and count it: one round trip.
-
-        A result is written only if the job has none yet (SET NX): a job delivered twice
-        keeps its first answer, so no one ever sees two, and the counters count each job
-        once (written and counted in one script, so a process killed mid-store can't leave
-        them apart). Results of ``quiet`` jobs are written but not published. The
-        ``settled`` messages are struck off the ledger.
-        """
-        args: list[Any] = [self.settings.result_ttl_s, f"{time.time():.3f}"]
-        for result in results:
-            args += [
-                result_key(result.job_id),
-                encode_result_meta(result),
-                0 if result.job_id in quiet else 1,
-                1 if result.status == FAILURE else 0,
-            ]
-        with self.redis.pipeline(transaction=False) as pipe:
-            pipe.eval(_STORE, 1, STATS_KEY, *args)
-            if results:
-                pipe.delete(*(deaths_key(result.job_id) for result in results))
-            ledger.settle(pipe, settled)
-            pipe.execute()
+        """Store a batch's results (see :func:`store_results`)."""
+        store_results(self.redis, results, self.settings.result_ttl_s, quiet, settled)
 
 
-# KEYS[1]: the stats hash. ARGV: ttl, now, then key, meta, notify, failed per result.
+def store_results(
+    client: redis.Redis, results: Sequence[JobResult], ttl_s: int,
+    quiet: Collection[str] = (), settled: Sequence[str] = (), batch: bool = True,
+) -> None:  # fmt: skip
+    """Write every result, publish it to waiting clients and count it: one round trip.
+
+    A result is written only if the job has none yet (SET NX): a job delivered twice keeps
+    its first answer, so no one ever sees two, and the counters count each job once (written
+    and counted in one script, so a process killed mid-store can't leave them apart).
+    Results of ``quiet`` jobs are written but not published. The ``settled`` messages are
+    struck off the ledger. ``batch``: count a batch (not for refused messages).
+    """
+    args: list[Any] = [ttl_s, f"{time.time():.3f}", 1 if batch else 0]
+    for result in results:
+        args += [
+            result_key(result.job_id),
+            encode_result_meta(result),
+            0 if result.job_id in quiet else 1,
+            1 if result.status == FAILURE else 0,
+        ]
+    with client.pipeline(transaction=False) as pipe:
+        pipe.eval(_STORE, 1, STATS_KEY, *args)
+        if results:
+            pipe.delete(*(deaths_key(result.job_id) for result in results))
+        ledger.settle(pipe, settled)
+        pipe.execute()
+
+
+# KEYS[1]: the stats hash. ARGV: ttl, now, batches, then key, meta, notify, failed per result.
 _STORE = """
 local done, failed = 0, 0
-for i = 3, #ARGV, 4 do
+for i = 4, #ARGV, 4 do
   if redis.call('SET', ARGV[i], ARGV[i + 1], 'EX', tonumber(ARGV[1]), 'NX') then
     if ARGV[i + 2] == '1' then redis.call('PUBLISH', ARGV[i], ARGV[i + 1]) end
     if ARGV[i + 3] == '1' then failed = failed + 1 else done = done + 1 end
@@ -222,8 +236,10 @@ for i = 3, #ARGV, 4 do
 end
 redis.call('HINCRBY', KEYS[1], 'done', done)
 redis.call('HINCRBY', KEYS[1], 'failed', failed)
-redis.call('HINCRBY', KEYS[1], 'batches', 1)
-redis.call('HSET', KEYS[1], 'last_batch_at', ARGV[2])
+if ARGV[3] == '1' then
+  redis.call('HINCRBY', KEYS[1], 'batches', 1)
+  redis.call('HSET', KEYS[1], 'last_batch_at', ARGV[2])
+end
 return done + failed
 """
 

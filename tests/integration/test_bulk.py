@@ -16,7 +16,7 @@ import pytest
 
 from producer.bulk import classify
 from producer.client import Client
-from tests.factories import digit_paths, label_of, truncated_png
+from tests.factories import corrupt_png, digit_paths, label_of, truncated_png
 
 pytestmark = pytest.mark.integration
 ROOT = Path(__file__).resolve().parents[2]
@@ -35,21 +35,24 @@ def jsonl(path: Path) -> list[dict]:
 
 def test_a_folder_with_broken_files_fails_only_those_rows(client: Client, tmp_path) -> None:
     files = make_folder(tmp_path / "in", 1)
-    (tmp_path / "in" / "set000" / "5_05.png").write_bytes(truncated_png(digit_paths(1)[0]))
+    (tmp_path / "in" / "set000" / "5_05.png").write_bytes(corrupt_png(digit_paths(1)[0]))
+    (tmp_path / "in" / "set000" / "6_06.png").write_bytes(truncated_png(digit_paths(1)[0]))
     (tmp_path / "in" / "set000" / "7_07.png").write_text("not an image at all")
     summary = classify(client, [str(tmp_path / "in")], tmp_path / "out.jsonl", progress=None)
     rows = jsonl(tmp_path / "out.jsonl")
     assert [r["path"] for r in rows] == [str(p) for p in files]  # input order
     by_name = {Path(r["path"]).name: r for r in rows}
-    truncated, text = by_name.pop("5_05.png"), by_name.pop("7_07.png")
-    assert truncated["status"] == "FAILURE" and "cannot decode image" in truncated["error"]
-    assert truncated["job_id"]  # it was sent: the worker refused it
+    corrupt, truncated = by_name.pop("5_05.png"), by_name.pop("6_06.png")
+    text = by_name.pop("7_07.png")
+    assert corrupt["status"] == "FAILURE" and "cannot decode image" in corrupt["error"]
+    assert corrupt["job_id"]  # it was sent: the worker refused it
+    assert truncated["status"] == "FAILURE" and "truncated PNG file" in truncated["error"]
     assert text["status"] == "FAILURE" and "not a readable image" in text["error"]
-    assert text["job_id"] == ""  # refused before enqueueing
+    assert text["job_id"] == truncated["job_id"] == ""  # refused before enqueueing
     assert all(r["status"] == "SUCCESS" for r in by_name.values())
     right = sum(r["label"] == label_of(Path(r["path"])) for r in by_name.values())
-    assert right >= 94
-    assert summary.counts == {"SUCCESS": 98, "FAILURE": 2}
+    assert right >= 93
+    assert summary.counts == {"SUCCESS": 97, "FAILURE": 3}
 
 
 def test_csv_output_and_more_files_than_the_window(client: Client, tmp_path) -> None:

@@ -15,7 +15,7 @@ from celery import Celery
 
 from producer.client import Client
 from producer.wire import Job, encode_message, result_key
-from tests.factories import big_rgb_jpeg, digit_paths, label_of, truncated_png
+from tests.factories import big_rgb_jpeg, corrupt_png, digit_paths, label_of, truncated_png
 
 pytestmark = pytest.mark.integration
 ROOT = Path(__file__).resolve().parents[2]
@@ -62,7 +62,7 @@ def test_a_plain_celery_client_waiting_is_woken_by_the_answer(client: Client, re
 def test_a_corrupt_image_in_the_middle_of_a_batch_fails_alone(client: Client) -> None:
     paths = digit_paths(21)
     images: list[object] = list(paths)
-    images[10] = truncated_png(paths[10])  # its header passes the producer's check
+    images[10] = corrupt_png(paths[10])  # its structure passes the producer's check
     ids = client.submit_many(images)
     results = client.results(ids, timeout=60)
     statuses = [r["status"] for r in results]
@@ -76,7 +76,7 @@ def test_a_message_that_bypassed_the_producer_fails_only_its_job(client, redis_s
     client._redis.lpush(client.settings.queue, encode_message([good, bad], client.settings.queue))
     got = client.results(["bypass-good", "bypass-bad"], timeout=30)
     assert [r["status"] for r in got] == ["SUCCESS", "FAILURE"]
-    assert "cannot decode image" in got[1]["error"]
+    assert "not a readable image" in got[1]["error"]
 
 
 def test_jobs_from_concurrent_submitters_share_forward_passes(client: Client) -> None:
@@ -141,7 +141,7 @@ def test_cli_submit_then_result(redis_server, worker) -> None:
 
 def test_cli_result_exits_non_zero_for_failed_and_pending(redis_server, worker, tmp_path) -> None:
     broken = tmp_path / "broken.png"
-    broken.write_bytes(truncated_png(digit_paths(1)[0]))
+    broken.write_bytes(corrupt_png(digit_paths(1)[0]))
     submitted = run_cli(redis_server.url, "submit", str(broken))
     assert submitted.returncode == 0, submitted.stderr
     failed = run_cli(redis_server.url, "result", submitted.stdout.strip(), "--wait", "30")
@@ -157,6 +157,14 @@ def test_cli_refuses_a_non_image_before_enqueueing(redis_server, worker, tmp_pat
     assert refused.returncode == 1
     assert "notes.txt" in refused.stderr and "not a readable image" in refused.stderr
     assert refused.stdout == ""
+
+
+def test_cli_refuses_a_truncated_image_naming_it(redis_server, worker, tmp_path) -> None:
+    cut = tmp_path / "cut.png"
+    cut.write_bytes(truncated_png(digit_paths(1)[0]))
+    refused = run_cli(redis_server.url, "submit", str(cut))
+    assert refused.returncode == 1 and refused.stdout == ""
+    assert f"{cut}: truncated PNG file" in refused.stderr
 
 
 def test_cli_status_sees_the_worker_and_the_counts(redis_server, worker, client) -> None:

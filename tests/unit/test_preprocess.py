@@ -6,7 +6,14 @@ from PIL import Image
 
 from producer.errors import InvalidImageError
 from producer.registry import Registry
-from tests.factories import big_rgb_jpeg, digit_image, digit_paths, encode, truncated_png
+from tests.factories import (
+    big_rgb_jpeg,
+    corrupt_png,
+    digit_image,
+    digit_paths,
+    encode,
+    truncated_png,
+)
 from worker import preprocess
 
 
@@ -45,11 +52,12 @@ def test_transparent_background_becomes_black() -> None:
     ("data", "reason"),
     [
         (b"", "empty"),
-        (b"definitely not an image", "cannot decode"),
-        (truncated_png(digit_paths(1)[0]), "cannot decode"),
-        (encode(Image.new("L", (8, 8)), "GIF"), "not one of BMP, JPEG, PNG, WEBP"),
+        (b"definitely not an image", "not a readable image"),
+        (truncated_png(digit_paths(1)[0]), "truncated PNG file"),
+        (corrupt_png(digit_paths(1)[0]), "cannot decode image"),
+        (encode(Image.new("L", (8, 8)), "GIF"), "GIF is not accepted"),
     ],
-    ids=["empty", "garbage", "truncated", "gif"],
+    ids=["empty", "garbage", "truncated", "corrupt", "gif"],
 )
 def test_bad_images_fail_with_a_reason(data: bytes, reason: str) -> None:
     with pytest.raises(InvalidImageError, match=reason):
@@ -58,9 +66,9 @@ def test_bad_images_fail_with_a_reason(data: bytes, reason: str) -> None:
 
 def test_limits_are_enforced_before_decoding() -> None:
     big = encode(Image.new("L", (1000, 1000)))
-    with pytest.raises(InvalidImageError, match="1000000 pixels, over the limit of 999999"):
+    with pytest.raises(InvalidImageError, match="1000000 pixels is over the limit of 999999"):
         decode(big, INFO, 10**7, 999_999)
-    with pytest.raises(InvalidImageError, match="over the limit of 10"):
+    with pytest.raises(InvalidImageError, match="over the limit of 10 bytes"):
         decode(big, INFO, 10, 10**9)
 
 

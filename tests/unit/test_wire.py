@@ -114,3 +114,14 @@ def test_malformed_result_meta_is_a_wire_error(raw: bytes) -> None:
 
 def test_result_key_is_celerys() -> None:
     assert result_key("abc") == "celery-task-meta-abc"
+
+
+def test_celerys_own_failure_format_reads_as_a_failed_job() -> None:
+    meta = json.dumps({
+        "status": "FAILURE", "task_id": "j1", "traceback": None, "children": [],
+        "result": {"exc_type": "NotRegistered", "exc_message": ["'nope'"],
+                   "exc_module": "celery.exceptions"},
+    })  # fmt: skip
+    result = decode_result_meta(meta)
+    assert result["job_id"] == "j1" and result["status"] == "FAILURE"
+    assert result["error"] == "NotRegistered: 'nope'"

@@ -1,0 +1,128 @@
+"""Messages the worker will not run: dropped, logged without their bodies, their jobs failed.
+
+Celery's consumer refuses much of what it can't run (a content type off the accept list, a
+body that does not decode, an unknown task name) and survives it, but a message of the wrong
+shape (a list for a task name, a body that is not a triple) raises out of it and stops the
+worker. And it logs up to a kilobyte of the body (a job's image, in our messages) and leaves the job
+PENDING forever, or, for an unknown task, stores Celery's own exception format. Batchery's
+consumer logs what the message was and why it was refused, never its body, and stores a
+FAILURE result saying why for every job id it can read: the task id in the headers, and
+the job ids in a body that decodes under the accepted content types (never anything else:
+a pickle body is not even looked at).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from typing import Any
+
+import redis
+from celery.worker.consumer import Consumer
+
+from producer.settings import Settings
+from producer.wire import TASK_CLASSIFY, JobResult, job_ids_in
+from worker.tasks import store_results
+
+log = logging.getLogger(__name__)
+
+#: A job id longer than this is not a job id: nothing is stored for it.
+MAX_ID_LENGTH = 200
+
+
+def readable_job_ids(message: Any) -> list[str]:
+    """The job ids a refused message names, read as safely as Celery reads anything."""
+    ids: list[str] = []
+    headers = message.headers if isinstance(message.headers, dict) else {}
+    if isinstance(headers.get("id"), str):
+        ids.append(headers["id"])
+    try:
+        # Decoded under the consumer's accept list: a forbidden content type raises here.
+        body = message.decode()
+        if isinstance(body, (list, tuple)) and len(body) == 3:
+            ids += job_ids_in(body[1])
+    except Exception:  # an undecodable body names no jobs
+        pass
+    unique = dict.fromkeys(i for i in ids if 0 < len(i) <= MAX_ID_LENGTH)
+    return list(unique)
+
+
+def describe(message: Any) -> str:
+    """What a message was, for the log: its type, task and id, never its body."""
+    headers = message.headers if isinstance(message.headers, dict) else {}
+    task = headers.get("task")
+    job = headers.get("id")
+    return (
+        f"message (content type {message.content_type!r}, task {str(task)[:80]!r}, "
+        f"id {str(job)[:MAX_ID_LENGTH]!r}, {len(message.body or b'')} bytes)"
+    )
+
+
+def refusing_consumer(settings: Settings, connect: Any) -> type[Consumer]:
+    """Celery's consumer class, with Batchery's refusals; ``connect`` makes a Redis client."""
+
+    class RefusingConsumer(Consumer):
+        """Celery's consumer, refusing quietly and failing the jobs it can name."""
+
+        _results: redis.Redis | None = None
+
+        def refuse(self, message: Any, reason: str, requeue: bool = False) -> None:
+            reason = reason if len(reason) <= 300 else reason[:300] + "..."
+            log.error("refused %s: %s", describe(message), reason)
+            ids = readable_job_ids(message)
+            try:
+                if not message.acknowledged:
+                    message.reject(requeue=requeue)
+            except Exception:  # a lost channel gives the message back anyway
+                log.exception("could not drop a refused message")
+            if not ids:
+                return
+            try:
+                self._results = self._results or connect(settings)
+                failures = [JobResult.failure(jid, f"message refused: {reason}") for jid in ids]
+                store_results(self._results, failures, settings.result_ttl_s, batch=False)
+            except redis.RedisError as exc:
+                log.warning("could not store the refusal of %d jobs: %s", len(ids), exc)
+
+        def create_task_handler(self, *args: Any, **kwargs: Any) -> Callable[[Any], None]:
+            handle = super().create_task_handler(*args, **kwargs)
+            lost = tuple(self.connection_errors) + tuple(self.channel_errors)
+
+            def on_task_received(message: Any) -> None:
+                # Celery trusts a message's shape (a list for a task name, a body that is not
+                # (args, kwargs, embed)): what it raises would stop the whole worker, and the
+                # message, redelivered, would stop the next one.
+                headers = message.headers
+                if headers is not None and not (
+                    isinstance(headers, dict)
+                    and isinstance(headers.get("task"), str)
+                    and isinstance(headers.get("id"), str)
+                    and 0 < len(headers["id"]) <= MAX_ID_LENGTH
+                ):
+                    self.refuse(message, "headers without a task name and a job id")
+                    return
+                try:
+                    handle(message)
+                except lost:
+                    raise
+                except Exception as exc:
+                    self.refuse(message, f"malformed message ({type(exc).__name__}: {exc})")
+
+            return on_task_received
+
+        def on_decode_error(self, message: Any, exc: Exception) -> None:
+            self.refuse(message, f"cannot read its body ({type(exc).__name__}: {exc})")
+
+        def on_unknown_message(self, body: Any, message: Any) -> None:
+            self.refuse(message, "not a Celery task message")
+
+        def on_unknown_task(self, body: Any, message: Any, exc: Exception) -> None:
+            task = message.headers.get("task") if isinstance(message.headers, dict) else None
+            self.refuse(
+                message, f"unknown task {str(task)[:80]!r}; this worker runs {TASK_CLASSIFY!r}"
+            )
+
+        def on_invalid_task(self, body: Any, message: Any, exc: Exception) -> None:
+            self.refuse(message, f"invalid task message ({type(exc).__name__}: {exc})")
+
+    return RefusingConsumer
