@@ -49,5 +49,5 @@ class Signer:
 
     def sign(self, payload: Any) -> bytes:
         """The signed body for a task message's ``payload`` (args, kwargs, embed)."""
-        signed: bytes = self._serializer.serialize(payload)
-        return signed
+        signed: str | bytes = self._serializer.serialize(payload)  # base64 text
+        return signed.encode("ascii") if isinstance(signed, str) else signed

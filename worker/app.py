@@ -195,8 +195,9 @@ def set_up_signing(app: Celery, settings: Settings) -> None:
         security_digest="sha256",
     )
     try:
-        # json stays readable for results; task messages are checked against accept_content.
-        app.setup_security(allowed_serializers=["auth", "json"])
+        # json stays readable for results (auth is registered, enabled, after this list is
+        # applied); task messages must match accept_content, which is auth alone.
+        app.setup_security(allowed_serializers=["json"])
     except ImproperlyConfigured as exc:
         raise ConfigError(f"message signing: {exc}") from exc
 

@@ -21,6 +21,7 @@ import redis
 from celery.worker.consumer import Consumer
 
 from producer.settings import Settings
+from producer.signing import CONTENT_TYPE as SIGNED_CONTENT_TYPE
 from producer.wire import TASK_CLASSIFY, JobResult, job_ids_in
 from worker.tasks import store_results
 
@@ -111,6 +112,11 @@ def refusing_consumer(settings: Settings, connect: Any) -> type[Consumer]:
             return on_task_received
 
         def on_decode_error(self, message: Any, exc: Exception) -> None:
+            if message.content_type == SIGNED_CONTENT_TYPE:
+                # Celery 5.6 reports a bad signature as a TypeError (its reraise_errors
+                # catches a module, not an exception class): still refused, named plainly.
+                self.refuse(message, f"signature check failed ({type(exc).__name__}: {exc})")
+                return
             self.refuse(message, f"cannot read its body ({type(exc).__name__}: {exc})")
 
         def on_unknown_message(self, body: Any, message: Any) -> None:
