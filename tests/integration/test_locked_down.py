@@ -129,8 +129,8 @@ def tls_files(tmp_path: Path) -> TLSFiles:
     """A throwaway CA, a server certificate for 127.0.0.1 and a client certificate."""
     ca = trustme.CA()
     server, client = ca.issue_cert("127.0.0.1", "localhost"), ca.issue_cert("batchery-client")
-    files = TLSFiles(*(tmp_path / name for name in
-                       ("ca.pem", "server.pem", "server.key", "client.pem", "client.key")))  # fmt: skip
+    names = ("ca.pem", "server.pem", "server.key", "client.pem", "client.key")
+    files = TLSFiles(*(tmp_path / name for name in names))
     ca.cert_pem.write_to_path(str(files.ca))
     server.cert_chain_pems[0].write_to_path(str(files.server_cert))
     server.private_key_pem.write_to_path(str(files.server_key))
