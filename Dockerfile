@@ -13,14 +13,14 @@ WORKDIR /app
 COPY pyproject.toml README.md ./
 COPY producer/__init__.py producer/__init__.py
 COPY worker/__init__.py worker/__init__.py
-RUN pip install ".[worker]" && pip uninstall -y batchery
+RUN pip install ".[worker,signing]" && pip uninstall -y batchery
 
 COPY producer producer
 COPY worker worker
 COPY models models
 COPY examples examples
 # Editable, so the package finds /app/models and /app/examples beside it.
-RUN pip install --no-deps -e ".[worker]"
+RUN pip install --no-deps -e ".[worker,signing]"
 
 USER batchery
 # The model registry is baked in at /app/models; mount a volume there to manage it live.
