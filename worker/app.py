@@ -26,7 +26,7 @@ from producer import ledger
 from producer.errors import BatcheryError, ConfigError
 from producer.registry import ModelInfo, Registry
 from producer.settings import Settings, redact_url
-from producer.wire import TASK_CLASSIFY, deaths_key, heartbeat_key
+from producer.wire import TASK_CLASSIFY, deaths_key, heartbeat_key, result_key
 from worker.batching import BATCH_DONE, DynamicBatches
 from worker.models import ModelCache
 from worker.refusals import refusing_consumer
@@ -102,20 +102,36 @@ def warm_up(settings: Settings) -> None:
 def count_deaths(
     settings: Settings, connect: Callable[[Settings], redis.Redis] = redis_client
 ) -> Callable[[list[str]], None]:
-    """What the main process does when a pool process dies: count it against each job."""
+    """What the main process does when a pool process dies: count it against each job.
+
+    Only against jobs still unanswered: a job answered meanwhile (by a copy kombu delivered
+    again after the visibility timeout) did nothing wrong, and no later run would clear it.
+    """
     client: redis.Redis | None = None
 
     def record(job_ids: list[str]) -> None:
         nonlocal client
         client = client or connect(settings)
-        with client.pipeline(transaction=False) as pipe:
-            for job_id in job_ids:
-                pipe.incr(deaths_key(job_id))
-                pipe.expire(deaths_key(job_id), settings.result_ttl_s)
-            pipe.execute()
-        log.error("a worker process died holding %d jobs; requeued", len(job_ids))
+        keys = [key for jid in job_ids for key in (result_key(jid), deaths_key(jid))]
+        counted = client.eval(_COUNT_DEATHS, len(keys), *keys, settings.result_ttl_s)
+        log.error("a worker process died holding %d jobs (%d unanswered); requeued",
+                  len(job_ids), counted)  # fmt: skip
 
     return record
+
+
+# KEYS: result key, deaths key, per job. ARGV[1]: the deaths keys' TTL.
+_COUNT_DEATHS = """
+local counted = 0
+for i = 1, #KEYS, 2 do
+  if redis.call('EXISTS', KEYS[i]) == 0 then
+    redis.call('INCR', KEYS[i + 1])
+    redis.call('EXPIRE', KEYS[i + 1], tonumber(ARGV[1]))
+    counted = counted + 1
+  end
+end
+return counted
+"""
 
 
 def create_app(settings: Settings) -> Celery:

@@ -56,7 +56,7 @@ def test_services_run_commands_the_cli_accepts() -> None:
 
 def test_image_installs_the_worker_and_runs_unprivileged() -> None:
     dockerfile = (ROOT / "Dockerfile").read_text()
-    assert re.search(r"pip install .*\.\[worker\]", dockerfile)
+    assert re.search(r"pip install .*\.\[worker[],]", dockerfile)
     assert re.search(r"^USER\s+(?!root)\S+", dockerfile, re.M)
 
 

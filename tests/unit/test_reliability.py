@@ -96,6 +96,10 @@ def test_the_main_process_counts_a_death_against_every_job_of_the_lost_batch() -
     record(["a"])
     assert (int(r.get(deaths_key("a"))), int(r.get(deaths_key("b")))) == (2, 1)
     assert 0 < r.ttl(deaths_key("a")) <= settings.result_ttl_s
+    # A job answered meanwhile (a redelivered copy ran) is not held responsible.
+    r.set(result_key("c"), encode_result_meta(JobResult("c", "SUCCESS")))
+    record(["b", "c"])
+    assert int(r.get(deaths_key("b"))) == 2 and r.get(deaths_key("c")) is None
 
 
 def test_status_reads_depth_flight_workers_counts_and_dead_letters(fake_redis) -> None:
