@@ -9,11 +9,16 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
 RUN useradd --create-home --uid 10001 batchery
 WORKDIR /app
 
-# Dependencies first, so code changes don't reinstall TensorFlow.
+# Dependencies first, so code changes don't reinstall TensorFlow. TENSORFLOW replaces the
+# CPU build (docker-compose.gpu.yml sets it to the CUDA build).
+ARG TENSORFLOW=""
 COPY pyproject.toml README.md ./
 COPY producer/__init__.py producer/__init__.py
 COPY worker/__init__.py worker/__init__.py
-RUN pip install ".[worker,signing]" && pip uninstall -y batchery
+RUN pip install ".[worker,signing]" && pip uninstall -y batchery \
+    && if [ -n "$TENSORFLOW" ]; then \
+         pip uninstall -y tensorflow-cpu && pip install "$TENSORFLOW"; \
+       fi
 
 COPY producer producer
 COPY worker worker

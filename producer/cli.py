@@ -34,6 +34,10 @@ def _parser() -> argparse.ArgumentParser:
         metavar="PATH",
         help="serve this model version folder (with model.json) as the default",
     )
+    p.add_argument(
+        "--metrics-port", type=int, help="serve Prometheus metrics on this port (off by default)"
+    )
+    p.add_argument("--log-format", choices=["text", "json"], help="log lines as text or JSON")
     p.add_argument("--loglevel", default="INFO")
 
     p = sub.add_parser("submit", help="enqueue images; print one job id per line")
@@ -115,6 +119,19 @@ def _parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("status", help="queue depth, in flight, workers alive, done, failed")
     p.add_argument("--json", action="store_true")
+    p.add_argument(
+        "--watch",
+        type=float,
+        nargs="?",
+        const=1.0,
+        metavar="SECONDS",
+        help="refresh every SECONDS (1) with rates, until Ctrl-C",
+    )
+    p.add_argument(
+        "--here",
+        action="store_true",
+        help="exit 1 unless a worker process on this host is alive (a container healthcheck)",
+    )
 
     p = sub.add_parser("bench", help="measure Batchery against the usual ways (a table, a chart)")
     p.add_argument("--model", choices=["reference", "mobilenet"], default="reference")
@@ -156,6 +173,8 @@ def _worker(args: argparse.Namespace, settings: Settings) -> int:
         "batch_size": args.batch_size,
         "batch_wait_ms": args.batch_wait_ms,
         "model_path": args.model,
+        "metrics_port": args.metrics_port,
+        "log_format": args.log_format,
     }
     settings = replace(settings, **{k: v for k, v in overrides.items() if v is not None})
     from worker.app import run_worker
@@ -279,8 +298,18 @@ def _status(args: argparse.Namespace, settings: Settings) -> int:
     from producer.status import collect, render
 
     with Client(settings=settings) as client:
+        if args.watch is not None:
+            from producer.status import watch
+
+            watch(client, max(0.1, args.watch), as_json=args.json)
+            return 0
         status = client.retrying(lambda: collect(client))
     print(json.dumps(status) if args.json else render(status))
+    if args.here:
+        import socket
+
+        here = f"{socket.gethostname()}:"
+        return 0 if any(w.startswith(here) for w in status["workers"]) else 1
     return 0
 
 

@@ -46,8 +46,12 @@ class Settings:
     signing_key: Path | None = None
     signing_cert: Path | None = None
     signing_certs: Path | None = None
+    metrics_port: int | None = None
+    log_format: str = "text"
 
     def __post_init__(self) -> None:
+        if self.log_format not in ("text", "json"):
+            raise ConfigError(f"BATCHERY_LOG_FORMAT={self.log_format!r}: use text or json")
         tls = (self.redis_tls_ca, self.redis_tls_cert, self.redis_tls_key)
         if any(tls) and not self.redis_url.startswith("rediss://"):
             raise ConfigError(
@@ -150,6 +154,12 @@ class Settings:
             signing_key=path("BATCHERY_SIGNING_KEY"),
             signing_cert=path("BATCHERY_SIGNING_CERT"),
             signing_certs=path("BATCHERY_SIGNING_CERTS"),
+            metrics_port=(
+                int(number("BATCHERY_METRICS_PORT", 0, minimum=1))
+                if env.get("BATCHERY_METRICS_PORT", "").strip()
+                else None
+            ),
+            log_format=text("BATCHERY_LOG_FORMAT", defaults.log_format).lower(),
         )
 
 

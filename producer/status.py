@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
-from typing import Any
+import json
+import sys
+import time
+from typing import Any, TextIO
 
 from producer.client import Client
 from producer.settings import redact_url
@@ -38,7 +41,7 @@ def collect(client: Client) -> dict[str, Any]:
 
 
 def render(status: dict[str, Any]) -> str:
-    """The status as a few aligned lines."""
+    """The status as a few aligned lines (with rates, when :func:`watch` added them)."""
     lines = [
         f"redis          {status['redis']}",
         f"queue          {status['queue']}: {status['queue_depth']} messages waiting, "
@@ -49,4 +52,42 @@ def render(status: dict[str, Any]) -> str:
         f"in {status['batches']} batches",
         f"dead letters   {status['dead_letters']}",
     ]
+    if "jobs_per_s" in status:
+        lines.append(
+            f"rate           {status['jobs_per_s']:.0f} jobs/s, "
+            f"{status['failed_per_s']:.0f} failed/s, {status['batches_per_s']:.0f} batches/s"
+            f" (over {status['interval_s']:.1f} s)"
+        )
     return "\n".join(lines)
+
+
+def with_rates(status: dict[str, Any], before: dict[str, Any], seconds: float) -> dict[str, Any]:
+    """``status`` with per-second rates of its counters since ``before``."""
+    rate = {
+        f"{name}_per_s": max(0, status[counter] - before[counter]) / max(seconds, 1e-9)
+        for name, counter in (("jobs", "done"), ("failed", "failed"), ("batches", "batches"))
+    }
+    return {**status, **rate, "interval_s": seconds}
+
+
+def watch(client: Client, interval: float, as_json: bool = False, out: TextIO = sys.stdout) -> None:
+    """Show the status every ``interval`` seconds, with rates, until interrupted.
+
+    On a terminal each refresh redraws the screen; otherwise (a pipe, a log) each is printed
+    after the last, as text or one JSON object a line.
+    """
+    redraw = out.isatty() and not as_json
+    before, then = client.retrying(lambda: collect(client)), time.monotonic()
+    try:
+        while True:
+            time.sleep(interval)
+            status, now = client.retrying(lambda: collect(client)), time.monotonic()
+            shown = with_rates(status, before, now - then)
+            before, then = status, now
+            if as_json:
+                out.write(json.dumps(shown) + "\n")
+            else:
+                out.write(("\x1b[H\x1b[2J" if redraw else "\n") + render(shown) + "\n")
+            out.flush()
+    except KeyboardInterrupt:
+        pass

@@ -7,6 +7,7 @@ process; the batch runs in a pool process.
 
 from __future__ import annotations
 
+import atexit
 import logging
 import math
 import os
@@ -26,7 +27,8 @@ from producer import ledger
 from producer.errors import BatcheryError, ConfigError
 from producer.registry import ModelInfo, Registry
 from producer.settings import Settings, redact_url
-from producer.wire import TASK_CLASSIFY, deaths_key, heartbeat_key, result_key
+from producer.wire import TASK_CLASSIFY, UNACKED_KEY, deaths_key, heartbeat_key, result_key
+from worker import metrics
 from worker.batching import BATCH_DONE, DynamicBatches
 from worker.models import ModelCache
 from worker.refusals import refusing_consumer
@@ -55,6 +57,7 @@ def runner(settings: Settings) -> BatchRunner:
     if _runner is None:
         threads = max(1, (os.cpu_count() or 1) // max(1, settings.concurrency))
         pinned = ModelInfo.from_dir(settings.model_path) if settings.model_path else None
+        recorded = metrics.for_settings(settings)
         models = ModelCache(
             Registry(settings.model_dir),
             settings.default_model,
@@ -62,8 +65,11 @@ def runner(settings: Settings) -> BatchRunner:
             threads=threads,
             pinned=pinned,
             max_loaded=settings.max_loaded_models,
+            on_load=(lambda info: recorded.model_loads.labels(info.name, info.version).inc())
+            if recorded
+            else None,
         )
-        _runner = BatchRunner(settings, models, redis_client(settings))
+        _runner = BatchRunner(settings, models, redis_client(settings), recorded)
     return _runner
 
 
@@ -218,10 +224,43 @@ def set_up_signing(app: Celery, settings: Settings) -> None:
         raise ConfigError(f"message signing: {exc}") from exc
 
 
+def json_logs(logger: logging.Logger, **_: Any) -> None:
+    """Give every handler Celery set up a formatter writing one JSON object a line.
+
+    Fields: time, level, process, logger, message, and what a line adds (a batch's
+    ``job_ids``, ``batch_size``, ``models``, ``failed``).
+    """
+    from pythonjsonlogger.json import JsonFormatter
+
+    formatter = JsonFormatter(
+        "%(asctime)s %(levelname)s %(processName)s %(name)s %(message)s",
+        rename_fields={"asctime": "time", "levelname": "level", "processName": "process",
+                       "name": "logger"},
+    )  # fmt: skip
+    for handler in logger.handlers:
+        handler.setFormatter(formatter)
+
+
 def run_worker(settings: Settings, loglevel: str = "INFO") -> None:
     """Run a Celery worker for ``settings`` in the foreground (``batchery worker``)."""
     logging.getLogger(__name__).info("broker %s", redact_url(settings.redis_url))
+    metrics.prepare(settings)  # before anything imports prometheus_client or forks
     app = create_app(settings)
+    if settings.log_format == "json":
+        signals.after_setup_logger.connect(json_logs, weak=False)
+        signals.after_setup_task_logger.connect(json_logs, weak=False)
+    if settings.metrics_port is not None:
+        queue_reader = redis_client(settings)
+
+        def read_queue() -> tuple[int, int]:
+            with queue_reader.pipeline(transaction=False) as pipe:
+                pipe.llen(settings.queue)
+                pipe.hlen(UNACKED_KEY)
+                depth, in_flight = pipe.execute()
+            return int(depth), int(in_flight)
+
+        metrics.serve(settings, read_queue)
+        atexit.register(metrics.clean_up)
     app.worker_main(
         argv=[
             "worker",

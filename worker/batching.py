@@ -12,6 +12,9 @@ things:
   free, which then takes the next batch at once.
 - A message marked ``alone`` (a job whose worker died, sent back by itself) makes a batch of
   its own: merged with others it would be sent back again, and could take them down.
+- Task events (received, started, succeeded; retried when requeued) are sent per message,
+  as Celery's own strategy sends them, so Flower and ``celery events`` see the tasks;
+  celery-batches sends none.
 - Messages are acknowledged only after their batch has stored its results. A batch that
   raised, or whose pool process died, is rejected and requeued (celery-batches acks it
   regardless, leaving its jobs PENDING forever); a death is counted against each of the
@@ -21,6 +24,7 @@ things:
 from __future__ import annotations
 
 import logging
+import time
 from collections import deque
 from collections.abc import Callable, Collection
 from queue import Empty
@@ -74,6 +78,7 @@ class DynamicBatches(Batches):
 
     def __init__(self) -> None:
         super().__init__()
+        self._eventer: Any = None
         self._busy = 0
         self._generation = 0
         # A request taken from the buffer that must start the next batch (see _next_batch).
@@ -96,9 +101,19 @@ class DynamicBatches(Batches):
             self._tref.cancel()
             self._tref = None
         buffer_message = super().Strategy(task, app, consumer)
+        eventer = consumer.event_dispatcher
+        self._eventer = eventer if eventer is not None and eventer.enabled else None
 
-        def on_message(*args: Any, **kwargs: Any) -> None:
-            buffer_message(*args, **kwargs)
+        def on_message(message: Any, *args: Any, **kwargs: Any) -> None:
+            buffer_message(message, *args, **kwargs)
+            headers = message.headers
+            if self._eventer is not None and isinstance(headers, dict):
+                self._event(
+                    "task-received", headers.get("id"), name=headers.get("task"),
+                    args=headers.get("argsrepr"), kwargs=headers.get("kwargsrepr"),
+                    root_id=headers.get("root_id"), parent_id=headers.get("parent_id"),
+                    retries=headers.get("retries", 0), eta=None, expires=None,
+                )  # fmt: skip
             if self._busy == 0 or self._buffered_jobs() >= self.flush_every:
                 self._do_flush()
 
@@ -114,6 +129,15 @@ class DynamicBatches(Batches):
         if self._buffer.empty() and not self._carry and self._tref is not None:
             self._tref.cancel()
             self._tref = None
+
+    def _event(self, kind: str, task_id: Any, **fields: Any) -> None:
+        """Send a task event; a monitoring hiccup must never cost a batch."""
+        if self._eventer is None:
+            return
+        try:
+            self._eventer.send(kind, uuid=task_id, **fields)
+        except Exception as exc:
+            log.warning("task event %s not sent: %s", kind, exc)
 
     def _next_batch(self) -> list[Any]:
         """Buffered requests for one batch: up to ``flush_every`` jobs, or one ``alone``."""
@@ -147,6 +171,9 @@ class DynamicBatches(Batches):
         generation = self._generation
         self._busy += 1
         finished = False
+        started = time.monotonic()
+        for request in requests:
+            self._event("task-started", request.id, pid=0)
 
         def finish(ok: bool, reason: str) -> None:
             nonlocal finished
@@ -156,11 +183,15 @@ class DynamicBatches(Batches):
             if generation != self._generation:
                 return  # from before a consumer restart: its messages were given back
             self._busy -= 1
+            runtime = time.monotonic() - started
             for request in requests:
                 if ok:
                     request.acknowledge()
+                    self._event("task-succeeded", request.id, result=repr(BATCH_DONE),
+                                runtime=runtime)  # fmt: skip
                 else:
                     request.reject(requeue=True)
+                    self._event("task-retried", request.id, exception=reason, traceback="")
             if not ok:
                 log.error("batch of %d messages requeued: %s", len(requests), reason)
             self._do_flush()

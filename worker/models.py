@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
+import time
 from collections import OrderedDict
 from collections.abc import Callable
 from pathlib import Path
@@ -54,15 +55,21 @@ class LoadedModel:
         self._forward = forward
         self.batch_size = batch_size
 
-    def predict(self, inputs: np.ndarray) -> np.ndarray:
+    def predict(
+        self, inputs: np.ndarray, observe: Callable[[int, float], None] | None = None
+    ) -> np.ndarray:
         """Class probabilities for a stack of preprocessed inputs, ``batch_size`` at a time.
 
         The batch contract: N inputs give N rows of ``len(labels)`` scores, or this raises.
+        ``observe`` is told each forward pass's image count and seconds.
         """
-        outputs = [
-            np.asarray(self._forward(inputs[i : i + self.batch_size]))
-            for i in range(0, len(inputs), self.batch_size)
-        ]
+        outputs = []
+        for i in range(0, len(inputs), self.batch_size):
+            chunk = inputs[i : i + self.batch_size]
+            started = time.perf_counter()
+            outputs.append(np.asarray(self._forward(chunk)))
+            if observe is not None:
+                observe(len(chunk), time.perf_counter() - started)
         probs = np.concatenate(outputs) if outputs else np.zeros((0, len(self.info.labels)))
         expected = (len(inputs), len(self.info.labels))
         if probs.shape != expected:
@@ -163,8 +170,10 @@ class ModelCache:
         threads: int | None = None,
         pinned: ModelInfo | None = None,
         max_loaded: int = 4,
+        on_load: Callable[[ModelInfo], None] | None = None,
     ) -> None:
         self.registry = registry
+        self.on_load = on_load
         self.default_model = pinned.name if pinned else default_model
         self.batch_size = batch_size
         self.threads = threads
@@ -213,6 +222,8 @@ class ModelCache:
                 self._loaded.move_to_end(info.key)
                 return loaded
         loaded = load(info, self.batch_size, self.threads)
+        if self.on_load is not None:
+            self.on_load(info)
         with self._lock:
             self._loaded[info.key] = loaded
             self._loaded.move_to_end(info.key)

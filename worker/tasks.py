@@ -38,6 +38,7 @@ from producer.wire import (
     result_key,
 )
 from worker import preprocess
+from worker.metrics import Metrics
 from worker.models import LoadedModel, ModelCache
 
 log = logging.getLogger(__name__)
@@ -53,10 +54,17 @@ class RequestLike(Protocol):
 class BatchRunner:
     """Runs batches in one worker process: decode, predict, postprocess, store."""
 
-    def __init__(self, settings: Settings, models: ModelCache, redis_client: redis.Redis) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        models: ModelCache,
+        redis_client: redis.Redis,
+        recorded: Metrics | None = None,
+    ) -> None:
         self.settings = settings
         self.models = models
         self.redis = redis_client
+        self.metrics = recorded
         self.signer = Signer.from_settings(settings)
 
     def run(self, requests: Sequence[RequestLike]) -> list[JobResult]:
@@ -67,6 +75,7 @@ class BatchRunner:
         count: it runs alone, so it can't take innocent jobs down with it, and after
         ``poison_kills`` deaths it is failed and dead-lettered instead of run again.
         """
+        started = time.time()
         jobs: list[Job] = []
         results: list[JobResult] = []
         for request in requests:
@@ -97,7 +106,32 @@ class BatchRunner:
         results.extend(self.classify(runnable))
         settled = [request.id for request in requests if isinstance(request.id, str)]
         self.store(results, quiet={job.id for job in jobs if not job.notify}, settled=settled)
+        self.report(fresh, results, started)
         return results
+
+    def report(self, jobs: Sequence[Job], results: Sequence[JobResult], started: float) -> None:
+        """Log the batch (one line, with every job id) and record its metrics."""
+        if not results:
+            return
+        stored = time.time()
+        failed = sum(r.status == FAILURE for r in results)
+        versions = sorted({f"{r.model}@{r.version}" for r in results if r.model})
+        log.info(
+            "batch of %d jobs (%s): %d failed, %.1f ms",
+            len(results), ", ".join(versions) or "no model", failed,
+            (stored - started) * 1000,
+            extra={"job_ids": [r.job_id for r in results], "batch_size": len(results),
+                   "models": versions, "failed": failed},
+        )  # fmt: skip
+        if self.metrics is None:
+            return
+        for result in results:
+            self.metrics.jobs.labels(result.model or "", result.version or "", result.status).inc()
+        answered = {result.job_id for result in results}
+        for job in jobs:
+            if job.submitted_at and job.id in answered:
+                self.metrics.queue_wait.observe(max(0.0, started - job.submitted_at))
+                self.metrics.end_to_end.observe(max(0.0, stored - job.submitted_at))
 
     def _history(self, jobs: Sequence[Job]) -> tuple[set[str], dict[str, int]]:
         """Which jobs already have a result, and how often each killed a worker: one trip."""
@@ -181,7 +215,8 @@ class BatchRunner:
         if not ready:
             return
         try:
-            probs = model.predict(preprocess.normalize(np.stack(inputs), info))
+            observe = self.metrics.forward_pass if self.metrics else None
+            probs = model.predict(preprocess.normalize(np.stack(inputs), info), observe)
         except Exception as exc:
             log.exception("forward pass of %s failed for %d jobs", info.key, len(ready))
             for job in ready:

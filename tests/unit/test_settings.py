@@ -53,3 +53,11 @@ def test_redact_url_hides_password_only() -> None:
     assert redact_url("redis://user:pw@host:6379/0") == "redis://user:***@host:6379/0"
     assert redact_url("rediss://:pw@host/1") == "rediss://:***@host/1"
     assert redact_url("redis://localhost:6379/0") == "redis://localhost:6379/0"
+
+
+def test_metrics_port_and_log_format() -> None:
+    settings = Settings.from_env({"BATCHERY_METRICS_PORT": "9100", "BATCHERY_LOG_FORMAT": "JSON"})
+    assert (settings.metrics_port, settings.log_format) == (9100, "json")
+    assert Settings.from_env({}).metrics_port is None
+    with pytest.raises(ConfigError, match="use text or json"):
+        Settings.from_env({"BATCHERY_LOG_FORMAT": "xml"})

@@ -1,0 +1,217 @@
+"""Operations: Prometheus metrics, JSON logs, Flower, `status --watch` and `--here`.
+
+One worker for the module, set up as the compose file runs it: metrics on a port, JSON logs.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from producer.client import Client
+from producer.local import RedisServer, WorkerProcess, free_port
+from tests.factories import corrupt_png, digit_paths, wait_until_serving
+from worker.metrics import EXPORTED
+
+pytestmark = pytest.mark.integration
+
+ROOT = Path(__file__).resolve().parents[2]
+DASHBOARD = ROOT / "deploy" / "grafana" / "dashboards" / "batchery.json"
+
+
+class OpsWorker:
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self.metrics_port = free_port()
+        env = {"BATCHERY_METRICS_PORT": str(self.metrics_port), "BATCHERY_LOG_FORMAT": "json"}
+        self.process = WorkerProcess(url, "--concurrency", "2", env=env)
+
+    def scrape(self) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+        """Every sample on the metrics port, keyed by (name, sorted labels)."""
+        url = f"http://127.0.0.1:{self.metrics_port}/metrics"
+        text = urllib.request.urlopen(url, timeout=10).read().decode()
+        return {
+            (s.name, tuple(sorted(s.labels.items()))): s.value
+            for family in text_string_to_metric_families(text)
+            for s in family.samples
+        }
+
+
+@pytest.fixture(scope="module")
+def ops() -> Iterator[OpsWorker]:
+    """Its own Redis, so its counts and the workers Flower sees are its own."""
+    with RedisServer() as server:
+        worker = OpsWorker(server.url)
+        with worker.process:
+            with Client(server.url) as client:
+                wait_until_serving(client, worker.process)
+            yield worker
+
+
+def total(samples: dict, name: str, **labels: str) -> float:
+    """The sum of ``name``'s samples whose labels include ``labels``."""
+    return sum(
+        value
+        for (sample, sample_labels), value in samples.items()
+        if sample == name and set(labels.items()) <= set(sample_labels)
+    )
+
+
+def test_metrics_add_up_to_the_jobs_sent(ops: OpsWorker) -> None:
+    before = ops.scrape()
+    with Client(ops.url) as client:
+        images: list[object] = list(digit_paths(60))
+        images[7] = corrupt_png(digit_paths(1)[0])
+        results = client.results(client.submit_many(images), timeout=60)
+    assert sum(r["status"] == "SUCCESS" for r in results) == 59
+    # Counted just after the results are stored: wait for the last batch's count.
+    deadline = time.monotonic() + 10
+    while True:
+        after = ops.scrape()
+        delta = {k: v - before.get(k, 0.0) for k, v in after.items()}
+        if total(delta, "batchery_jobs_total") >= 60 or time.monotonic() > deadline:
+            break
+        time.sleep(0.1)
+    labels = {"model": "mnist-cnn", "version": "1"}
+    assert total(delta, "batchery_jobs_total", status="SUCCESS", **labels) == 59
+    assert total(delta, "batchery_jobs_total", status="FAILURE", **labels) == 1
+    # Every image that decoded went through exactly one forward pass, timed once.
+    assert total(delta, "batchery_batch_size_sum") == 59
+    passes = total(delta, "batchery_batch_size_count")
+    assert 1 <= passes <= 59 and total(delta, "batchery_inference_seconds_count") == passes
+    assert total(delta, "batchery_queue_wait_seconds_count") == 60
+    assert total(delta, "batchery_end_to_end_seconds_count") == 60
+    assert total(after, "batchery_model_loads_total", **labels) >= 2  # one per pool process
+    assert total(after, "batchery_queue_depth") == 0 and ("batchery_in_flight", ()) in after
+    print(f"\nmetrics: 60 jobs in {passes:.0f} forward passes, "
+          f"{total(delta, 'batchery_end_to_end_seconds_sum') / 60 * 1000:.1f} ms mean "
+          "end to end")  # fmt: skip
+
+
+def test_the_dashboard_queries_only_metrics_the_worker_exports(ops: OpsWorker) -> None:
+    live = {name for name, _ in ops.scrape()}
+    exported = {re.sub(r"_(bucket|sum|count)$", "", name) for name in live}
+    assert set(EXPORTED) <= exported | live
+    dashboard = json.loads(DASHBOARD.read_text())
+    queries = [t["expr"] for p in dashboard["panels"] for t in p["targets"]]
+    named = {m for q in queries for m in re.findall(r"\bbatchery_[a-z_]+", q)}
+    assert named, "the dashboard queries no batchery metric"
+    assert named <= live, f"the dashboard names metrics no worker exports: {named - live}"
+    for wanted in ("batchery_jobs_total", "batchery_batch_size_sum", "batchery_queue_depth",
+                   "batchery_end_to_end_seconds_bucket"):  # fmt: skip
+        assert wanted in named  # throughput, batch size, queue depth, latency
+
+
+def test_logs_are_one_json_object_a_line_with_job_ids(ops: OpsWorker) -> None:
+    with Client(ops.url) as client:
+        ids = client.submit_many(digit_paths(5))
+        client.results(ids, timeout=30)
+    time.sleep(0.5)
+    log = ops.process.log_path.read_text()
+    assert not re.search(r"^\[\d{4}-\d\d-\d\d [^\]]*: (INFO|WARNING|ERROR)/", log, re.M)
+    records = [json.loads(line) for line in log.splitlines() if line.startswith("{")]
+    batches = [r for r in records if set(ids) & set(r.get("job_ids", []))]
+    assert batches, "no batch line names the jobs"
+    assert sum(len(set(ids) & set(r["job_ids"])) for r in batches) == 5
+    for record in batches:
+        assert record["models"] == ["mnist-cnn@1"]
+        assert record["batch_size"] == len(record["job_ids"])
+        assert {"time", "level", "process", "logger", "message"} <= set(record)
+    images = [base64.b64encode(p.read_bytes()).decode()[40:100] for p in digit_paths(5)]
+    assert not any(image in log for image in images)
+
+
+def run_cli(url: str, *args: str, **kwargs: object) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        [sys.executable, "-m", "producer.cli", *args],
+        env={**os.environ, "BATCHERY_REDIS_URL": url}, cwd=ROOT, text=True,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, **kwargs,  # type: ignore[arg-type]
+    )  # fmt: skip
+
+
+def test_status_watch_shows_live_rates_until_interrupted(ops: OpsWorker) -> None:
+    watch = run_cli(ops.url, "status", "--watch", "0.3", "--json")
+    try:
+        time.sleep(1.5)  # its first reading, before the jobs
+        with Client(ops.url) as client:
+            client.results(client.submit_many(digit_paths(100)), timeout=30)
+        time.sleep(1.0)
+    finally:
+        watch.send_signal(signal.SIGINT)
+        out, err = watch.communicate(timeout=30)
+    assert watch.returncode == 0, err
+    frames = [json.loads(line) for line in out.splitlines()]
+    assert len(frames) >= 5
+    assert max(f["jobs_per_s"] for f in frames) > 0
+    assert frames[-1]["done"] >= frames[0]["done"] + 100
+
+
+def test_status_here_is_the_containers_healthcheck(ops: OpsWorker) -> None:
+    healthy = run_cli(ops.url, "status", "--here")
+    assert healthy.wait(timeout=60) == 0
+    with RedisServer() as empty:  # a Redis no worker serves
+        unhealthy = run_cli(empty.url, "status", "--here")
+        assert unhealthy.wait(timeout=60) == 1
+
+
+def flower_get(port: int, path: str, auth: str | None) -> object:
+    request = urllib.request.Request(f"http://127.0.0.1:{port}{path}")
+    if auth:
+        request.add_header("Authorization", "Basic " + base64.b64encode(auth.encode()).decode())
+    return json.loads(urllib.request.urlopen(request, timeout=10).read())
+
+
+def test_flower_sees_our_worker_and_task(ops: OpsWorker) -> None:
+    port, auth = free_port(), "ops:flower-test-pw"
+    flower = subprocess.Popen(
+        [sys.executable, "-m", "celery", f"--broker={ops.url}", "flower", f"--port={port}",
+         "--address=127.0.0.1", f"--basic-auth={auth}"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=ROOT,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 60
+        workers: dict = {}
+
+        def registered() -> list[str]:
+            ours = [w for name, w in workers.items() if name.startswith("batchery-")]
+            return [task for w in ours for task in w.get("registered", [])]
+
+        # Flower asks the workers (Celery's remote control) and lists their registered tasks.
+        while "batchery.classify" not in registered():
+            assert time.monotonic() < deadline, f"flower found no batchery worker: {workers}"
+            time.sleep(0.5)
+            try:
+                workers = flower_get(port, "/api/workers?refresh=1", auth)  # type: ignore[assignment]
+            except (urllib.error.URLError, ConnectionError):
+                continue
+        assert len([name for name in workers if name.startswith("batchery-")]) == 1
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            flower_get(port, "/api/workers", None)
+        assert refused.value.code == 401
+        # Task events: flower follows our messages by name to SUCCESS once jobs flow.
+        with Client(ops.url) as client:
+            client.results(client.submit_many(digit_paths(3)), timeout=30)
+        tasks: dict = {}
+        while not any(
+            t.get("name") == "batchery.classify" and t.get("state") == "SUCCESS"
+            for t in tasks.values()
+        ):
+            assert time.monotonic() < deadline + 30, "flower saw no batchery.classify task"
+            time.sleep(0.5)
+            tasks = flower_get(port, "/api/tasks", auth)  # type: ignore[assignment]
+    finally:
+        flower.terminate()
+        flower.wait(timeout=30)
