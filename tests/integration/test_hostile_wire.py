@@ -23,7 +23,7 @@ from producer.client import Client
 from producer.local import WorkerProcess
 from producer.settings import Settings
 from producer.wire import Job, build_message
-from tests.factories import corrupt_png, digit_image, digit_paths, encode
+from tests.factories import bomb_png, corrupt_png, digit_image, digit_paths, encode
 
 pytestmark = pytest.mark.integration
 
@@ -231,3 +231,14 @@ def test_what_is_not_even_an_envelope_is_dropped(client, worker, raw: str) -> No
     client.redis.lpush(client.settings.queue, raw)
     still_serving(client, worker)
     assert "Unrecoverable error" not in worker.log_path.read_text()
+
+
+def test_a_bomb_that_bypassed_the_producer_fails_alone(client, worker) -> None:
+    bomb = bomb_png(20_000, 20_000)
+    good = digit_paths(1)[0].read_bytes()
+    raw = build_message([Job("bomb-good", good), Job("bomb-bomb", bomb)], "batchery").raw
+    client.redis.lpush(client.settings.queue, raw)
+    got = client.results(["bomb-good", "bomb-bomb"], timeout=30)
+    assert [r["status"] for r in got] == ["SUCCESS", "FAILURE"]
+    assert "400000000 pixels is over the limit of 40000000 pixels" in got[1]["error"]
+    still_serving(client, worker)
