@@ -362,9 +362,11 @@ def run_bench(model: str, images: int, workers: int, chart: Path | None,
                               f"worker process {worker_rss / 2**20:.0f} MiB")  # fmt: skip
             out("(e) ...")
             rows.append(run_limit(medium, info, batch, threads=os.cpu_count() or 1))
-            ray = run_ray(medium, info, batch, workers)
-            if ray is not None:
-                rows.append(ray)
+            ray_rows = run_ray(medium, info, batch, workers)
+            if ray_rows:
+                out("(f) ...")
+            for row in ray_rows:
+                rows.append(row)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
     out(table(rows, model, workers))
@@ -373,14 +375,14 @@ def run_bench(model: str, images: int, workers: int, chart: Path | None,
     return rows
 
 
-def run_ray(paths: list[Path], info: ModelInfo, batch: int, workers: int) -> Row | None:
-    """(f) Ray Serve, when installed (``pip install 'batchery[ray]'``)."""
+def run_ray(paths: list[Path], info: ModelInfo, batch: int, workers: int) -> list[Row]:
+    """(f1) and (f) Ray Serve, when installed (``pip install -e '.[ray]'``); else nothing."""
     try:
         ray_serve = importlib.import_module("bench.ray_serve")
     except ImportError:
-        return None
-    row: Row = ray_serve.run(paths, info, batch, workers)
-    return row
+        return []
+    rows: list[Row] = ray_serve.run(paths, info, batch, workers)
+    return rows
 
 
 def table(rows: list[Row], model: str, workers: int) -> str:

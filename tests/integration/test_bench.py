@@ -57,3 +57,13 @@ def test_mobilenet_images_are_224_rgb_jpegs(tmp_path) -> None:
     paths = make_images(tmp_path, 3, "mobilenet")
     with Image.open(paths[0]) as img:
         assert (img.format, img.mode, img.size) == ("JPEG", "RGB", (224, 224))
+
+
+def test_ray_serve_answers_every_image(images) -> None:
+    from bench.ray_serve import run
+
+    info = Registry(Settings().model_dir).get("mnist-cnn")
+    lone, concurrent = run(images[:64], info, 64, 1)
+    assert (lone.images, concurrent.images) == (30, 64)
+    assert len(concurrent.latencies or []) == 64 and concurrent.rate > 0
+    assert lone.name.startswith("(f1)") and concurrent.name.startswith("(f)")
