@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import http.client
 import json
-import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -20,7 +19,7 @@ from typing import Any
 import ray
 from ray import serve
 
-from bench.run import Row
+from bench.run import Row, concurrently
 from producer.local import free_port
 from producer.registry import ModelInfo
 
@@ -116,11 +115,8 @@ def _one_at_a_time(conn: http.client.HTTPConnection, data: bytes, n: int) -> Row
 
 def _concurrent(port: int, data: list[bytes], clients: int) -> Row:
     per_client = len(data) // clients
-    latencies: list[float] = []
-    errors: list[BaseException] = []
-    lock = threading.Lock()
 
-    def client(k: int) -> None:
+    def client(k: int) -> list[float]:
         mine = []
         conn = http.client.HTTPConnection("127.0.0.1", port, timeout=120)
         try:
@@ -129,21 +125,10 @@ def _concurrent(port: int, data: list[bytes], clients: int) -> Row:
                 if post(conn, data[k * per_client + j])["status"] != "SUCCESS":
                     raise RuntimeError("Ray Serve failed a digit")
                 mine.append(time.perf_counter() - at)
-        except BaseException as exc:
-            errors.append(exc)
         finally:
             conn.close()
-        with lock:
-            latencies.extend(mine)
+        return mine
 
-    threads = [threading.Thread(target=client, args=(k,)) for k in range(clients)]
-    started = time.perf_counter()
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    seconds = time.perf_counter() - started
-    if errors:
-        raise RuntimeError(f"{len(errors)} Ray Serve clients failed, first: {errors[0]!r}")
+    seconds, latencies = concurrently(clients, client)
     return Row(f"(f) Ray Serve @serve.batch, {clients} concurrent clients", len(latencies),
                seconds, latencies)  # fmt: skip

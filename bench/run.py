@@ -194,30 +194,25 @@ def _collect_by_mget(r: redis.Redis, sent_at: dict[str, float]) -> list[float]:
     return latencies
 
 
-def run_online(client: Client, paths: list[Path], submitters: int) -> Row:
-    """(c) single jobs from ``submitters`` concurrent threads, each submit then wait."""
-    data = [p.read_bytes() for p in paths]
+def concurrently(clients: int, client: Callable[[int], list[float]]) -> tuple[float, list[float]]:
+    """Run ``client(k)`` for k in range(clients), each in its own thread, all at once.
+
+    Each returns its latencies; returns the wall time and all latencies. Raises if any failed.
+    """
     latencies: list[float] = []
-    lock = threading.Lock()
-    per_thread = len(data) // submitters
-
     errors: list[BaseException] = []
+    lock = threading.Lock()
 
-    def submitter(k: int) -> None:
-        mine = []
+    def run(k: int) -> None:
         try:
-            for j in range(per_thread):
-                at = time.perf_counter()
-                job = client.submit(data[(k * per_thread + j) % len(data)])
-                if client.result(job, timeout=120)["status"] != "SUCCESS":
-                    raise RuntimeError(f"job {job} failed")
-                mine.append(time.perf_counter() - at)
+            mine = client(k)
         except BaseException as exc:
             errors.append(exc)
+            return
         with lock:
             latencies.extend(mine)
 
-    threads = [threading.Thread(target=submitter, args=(k,)) for k in range(submitters)]
+    threads = [threading.Thread(target=run, args=(k,)) for k in range(clients)]
     started = time.perf_counter()
     for t in threads:
         t.start()
@@ -225,7 +220,26 @@ def run_online(client: Client, paths: list[Path], submitters: int) -> Row:
         t.join()
     seconds = time.perf_counter() - started
     if errors:
-        raise RuntimeError(f"{len(errors)} submitters failed, first: {errors[0]!r}")
+        raise RuntimeError(f"{len(errors)} of {clients} clients failed, first: {errors[0]!r}")
+    return seconds, latencies
+
+
+def run_online(client: Client, paths: list[Path], submitters: int) -> Row:
+    """(c) single jobs from ``submitters`` concurrent threads, each submit then wait."""
+    data = [p.read_bytes() for p in paths]
+    per_thread = len(data) // submitters
+
+    def submitter(k: int) -> list[float]:
+        mine = []
+        for j in range(per_thread):
+            at = time.perf_counter()
+            job = client.submit(data[(k * per_thread + j) % len(data)])
+            if client.result(job, timeout=120)["status"] != "SUCCESS":
+                raise RuntimeError(f"job {job} failed")
+            mine.append(time.perf_counter() - at)
+        return mine
+
+    seconds, latencies = concurrently(submitters, submitter)
     name = f"(c) Batchery online, {submitters} concurrent submitters"
     return Row(name, len(latencies), seconds, latencies)
 

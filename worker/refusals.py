@@ -59,7 +59,9 @@ def describe(message: Any) -> str:
     )
 
 
-def refusing_consumer(settings: Settings, connect: Any) -> type[Consumer]:
+def refusing_consumer(
+    settings: Settings, connect: Callable[[Settings], redis.Redis]
+) -> type[Consumer]:
     """Celery's consumer class, with Batchery's refusals; ``connect`` makes a Redis client."""
 
     class RefusingConsumer(Consumer):
@@ -67,13 +69,14 @@ def refusing_consumer(settings: Settings, connect: Any) -> type[Consumer]:
 
         _results: redis.Redis | None = None
 
-        def refuse(self, message: Any, reason: str, requeue: bool = False) -> None:
+        def refuse(self, message: Any, reason: str) -> None:
+            """Drop the message, log why (never its body), fail the jobs it names."""
             reason = reason if len(reason) <= 300 else reason[:300] + "..."
             log.error("refused %s: %s", describe(message), reason)
             ids = readable_job_ids(message)
             try:
                 if not message.acknowledged:
-                    message.reject(requeue=requeue)
+                    message.reject(requeue=False)
             except Exception:  # a lost channel gives the message back anyway
                 log.exception("could not drop a refused message")
             if not ids:
