@@ -106,6 +106,9 @@ class DynamicBatches(Batches):
 
         def on_message(message: Any, *args: Any, **kwargs: Any) -> None:
             buffer_message(message, *args, **kwargs)
+            if self._busy == 0 or self._buffered_jobs() >= self.flush_every:
+                self._do_flush()
+            # After the flush: an event is a Redis round trip, kept off a lone job's path.
             headers = message.headers
             if self._eventer is not None and isinstance(headers, dict):
                 self._event(
@@ -114,8 +117,6 @@ class DynamicBatches(Batches):
                     root_id=headers.get("root_id"), parent_id=headers.get("parent_id"),
                     retries=headers.get("retries", 0), eta=None, expires=None,
                 )  # fmt: skip
-            if self._busy == 0 or self._buffered_jobs() >= self.flush_every:
-                self._do_flush()
 
         return on_message
 
@@ -172,8 +173,6 @@ class DynamicBatches(Batches):
         self._busy += 1
         finished = False
         started = time.monotonic()
-        for request in requests:
-            self._event("task-started", request.id, pid=0)
 
         def finish(ok: bool, reason: str) -> None:
             nonlocal finished
@@ -210,9 +209,12 @@ class DynamicBatches(Batches):
             finish(False, repr(exc))
 
         serializable = ([SimpleRequest.from_request(r) for r in requests],)
-        return self._pool.apply_async(
+        result = self._pool.apply_async(
             apply_batches_task,
             (self, serializable, 0, None),
             callback=on_return,
             error_callback=on_error,
         )
+        for request in requests:
+            self._event("task-started", request.id, pid=0)
+        return result
