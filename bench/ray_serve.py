@@ -19,11 +19,14 @@ from typing import Any
 import ray
 from ray import serve
 
-from bench.run import Row, concurrently
+from bench.run import Row, concurrently, one_at_a_time
 from producer.local import free_port
 from producer.registry import ModelInfo
+from producer.settings import Settings
 
 ROUTE = "/classify"
+#: The image limits Batchery's workers apply by default, applied here too.
+LIMITS = Settings()
 
 
 @serve.deployment
@@ -48,7 +51,8 @@ class Classifier:
         decoded, where = [], []
         for i, data in enumerate(images):
             try:
-                decoded.append(preprocess.decode(data, self.info, 10 << 20, 40_000_000))
+                decoded.append(preprocess.decode(data, self.info, LIMITS.max_image_bytes,
+                                                 LIMITS.max_image_pixels))  # fmt: skip
                 where.append(i)
             except InvalidImageError as exc:
                 answers[i] = {"status": "FAILURE", "error": str(exc)}
@@ -87,30 +91,19 @@ def run(paths: list[Path], info: ModelInfo, batch: int, workers: int) -> list[Ro
             num_replicas=workers, ray_actor_options={"num_cpus": 1},
             max_ongoing_requests=256,
         ).bind(str(info.file.parent), batch)  # fmt: skip
-        app_handle = serve.run(app, route_prefix=ROUTE, name="batchery-bench")
-        del app_handle
+        serve.run(app, route_prefix=ROUTE, name="batchery-bench")
         data = [p.read_bytes() for p in paths]
         conn = http.client.HTTPConnection("127.0.0.1", port, timeout=120)
         if post(conn, data[0])["status"] != "SUCCESS":
             raise RuntimeError("Ray Serve did not classify a digit")
-        lone = _one_at_a_time(conn, data[0], 200 if len(data) >= 1000 else 30)
+        n = 200 if len(data) >= 1000 else 30
+        lone = one_at_a_time("(f1) Ray Serve, one request at a time", n,
+                             lambda: post(conn, data[0]))  # fmt: skip
         conn.close()
         return [lone, _concurrent(port, data, 64)]
     finally:
         serve.shutdown()
         ray.shutdown()
-
-
-def _one_at_a_time(conn: http.client.HTTPConnection, data: bytes, n: int) -> Row:
-    latencies = []
-    started = time.perf_counter()
-    for _ in range(n):
-        at = time.perf_counter()
-        post(conn, data)
-        latencies.append(time.perf_counter() - at)
-        time.sleep(0.005)
-    return Row("(f1) Ray Serve, one request at a time", n, sum(latencies), latencies,
-               note=f"{time.perf_counter() - started:.1f} s wall with pauses")  # fmt: skip
 
 
 def _concurrent(port: int, data: list[bytes], clients: int) -> Row:

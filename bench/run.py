@@ -244,19 +244,24 @@ def run_online(client: Client, paths: list[Path], submitters: int) -> Row:
     return Row(name, len(latencies), seconds, latencies)
 
 
-def run_lone(client: Client, paths: list[Path], n: int = 200) -> Row:
-    """(c1) one job at a time on an idle worker: submit to result."""
-    data = paths[0].read_bytes()
+def one_at_a_time(name: str, n: int, call: Callable[[], object]) -> Row:
+    """``call()`` n times, one after the other with a short idle pause: a lone request's latency."""
     latencies = []
     started = time.perf_counter()
     for _ in range(n):
         at = time.perf_counter()
-        client.result(client.submit(data), timeout=60)
+        call()
         latencies.append(time.perf_counter() - at)
-        time.sleep(0.005)  # idle between jobs
-    busy = sum(latencies)
-    return Row("(c1) Batchery, one job at a time (idle worker)", n, busy, latencies,
+        time.sleep(0.005)  # idle between requests
+    return Row(name, n, sum(latencies), latencies,
                note=f"{time.perf_counter() - started:.1f} s wall with pauses")  # fmt: skip
+
+
+def run_lone(client: Client, paths: list[Path], n: int = 200) -> Row:
+    """(c1) one job at a time on an idle worker: submit to result."""
+    data = paths[0].read_bytes()
+    return one_at_a_time("(c1) Batchery, one job at a time (idle worker)", n,
+                         lambda: client.result(client.submit(data), timeout=60))  # fmt: skip
 
 
 def run_bulk(url: str, folder: Path, n: int, env: dict[str, str]) -> tuple[Row, int]:

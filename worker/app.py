@@ -65,9 +65,7 @@ def runner(settings: Settings) -> BatchRunner:
             threads=threads,
             pinned=pinned,
             max_loaded=settings.max_loaded_models,
-            on_load=(lambda info: recorded.model_loads.labels(info.name, info.version).inc())
-            if recorded
-            else None,
+            on_load=recorded.model_loaded if recorded else None,
         )
         _runner = BatchRunner(settings, models, redis_client(settings), recorded)
     return _runner

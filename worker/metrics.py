@@ -24,6 +24,7 @@ import tempfile
 from collections.abc import Callable, Iterator
 from typing import Any
 
+from producer.registry import ModelInfo
 from producer.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -78,6 +79,10 @@ class Metrics:
         """Record one forward pass."""
         self.batch_size.observe(images)
         self.inference.observe(seconds)
+
+    def model_loaded(self, info: ModelInfo) -> None:
+        """Record a model version loaded."""
+        self.model_loads.labels(info.name, info.version).inc()
 
 
 _metrics: Metrics | None = None

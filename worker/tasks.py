@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections import defaultdict
+from collections import Counter, defaultdict
 from collections.abc import Collection, Iterable, Sequence
 from typing import Any, Protocol
 
@@ -125,8 +125,10 @@ class BatchRunner:
         )  # fmt: skip
         if self.metrics is None:
             return
-        for result in results:
-            self.metrics.jobs.labels(result.model or "", result.version or "", result.status).inc()
+        # One increment per (model, version, status), not per job: a batch has few of them.
+        outcomes = Counter((r.model or "", r.version or "", r.status) for r in results)
+        for labels, count in outcomes.items():
+            self.metrics.jobs.labels(*labels).inc(count)
         answered = {result.job_id for result in results}
         for job in jobs:
             if job.submitted_at and job.id in answered:
