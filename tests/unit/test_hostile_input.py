@@ -84,6 +84,7 @@ print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before)
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
                          timeout=120, check=True).stdout.splitlines()  # fmt: skip
     assert "400000000 pixels is over the limit of 40000000 pixels" in out[0]
+    print(f"\nbomb refused by the worker: peak RSS grew {int(out[1])} KiB")
     assert int(out[1]) < 20 * 1024  # KiB: the 400 MB image was never allocated
 
 
