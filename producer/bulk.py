@@ -205,8 +205,7 @@ def classify(
     keep_results: bool = False,
 ) -> Summary:
     """Classify every image ``specs`` name into ``out``; see the module docstring."""
-    if model is not None or version is not None:
-        client.check_model(model, version)
+    client.check_model(model, version)
     writer = RowWriter(Path(out), resume)
     summary = Summary()
     started = time.monotonic()

@@ -11,15 +11,17 @@ from typing import Any, TypeVar
 
 import redis
 
-from producer import ledger
 from producer.errors import QueueFullError, RedisUnavailableError, ResultTimeoutError
 from producer.images import ImageInput, image_bytes
+from producer.ledger import Ledger
 from producer.registry import Registry
 from producer.settings import Settings, redact_url
 from producer.signing import Signer
 from producer.wire import (
     Job,
     build_message,
+    check_name,
+    chunk_jobs,
     decode_result_meta,
     new_job_id,
     pending_result,
@@ -53,6 +55,7 @@ class Client:
             settings.redis_url, max_connections=MAX_CONNECTIONS, **settings.redis_ssl()
         )
         self._signer = Signer.from_settings(settings)
+        self._ledger = Ledger(self._redis, settings.queue)
         self._outbox: list[_Ticket] = []
         self._pushing = False
         self._outbox_ready = threading.Condition()
@@ -79,10 +82,10 @@ class Client:
         """Enqueue many images in one round trip; return their job ids in input order.
 
         Every input is checked first: if one can't be sent, nothing is enqueued. Jobs travel
-        ``chunk_size`` to a message; each keeps its own id and its own result.
+        up to ``chunk_size`` to a message (fewer when their images pass
+        BATCHERY_MAX_MESSAGE_BYTES together); each keeps its own id and its own result.
         """
-        if model is not None or version is not None:
-            self.check_model(model, version)
+        self.check_model(model, version)
         now = time.time()
         limits = self.settings.max_image_bytes, self.settings.max_image_pixels
         jobs = [Job(new_job_id(), image_bytes(img, *limits), model, version, now) for img in images]
@@ -126,17 +129,16 @@ class Client:
             raise error
 
     def _push(self, jobs: list[Job]) -> None:
-        size = self.settings.chunk_size
-        queue = self.settings.queue
+        settings = self.settings
+        queue = settings.queue
         messages = [
-            build_message(jobs[i : i + size], queue, signer=self._signer)
-            for i in range(0, len(jobs), size)
+            build_message(chunk, queue, signer=self._signer)
+            for chunk in chunk_jobs(jobs, settings.chunk_size, settings.max_message_bytes)
         ]
-        limit = self.settings.max_queue
-        check_after = self.settings.visibility_timeout_s
+        limit = settings.max_queue
 
         def push() -> int:
-            return ledger.push(self._redis, queue, messages, check_after, limit)
+            return self._ledger.push(messages, settings.visibility_timeout_s, limit)
 
         # One atomic script: all messages or none, recorded in the ledger. A bounded queue
         # that is full waits (bounded) for workers to drain it.
@@ -178,11 +180,16 @@ class Client:
         }
 
     def check_model(self, model: str | None, version: str | None) -> None:
-        """Refuse an unknown model or version before enqueueing, when the registry is visible.
+        """Refuse a model or version name that isn't one, or (when the registry is visible) an
+        unknown model or version, before enqueueing.
 
-        A producer on a host without the registry directory skips this; the worker then
-        answers such jobs with the same error.
+        A producer on a host without the registry directory skips the second check; the
+        worker then answers such jobs with the same error.
         """
+        check_name("model", model)
+        check_name("version", version)
+        if model is None and version is None:
+            return
         registry = Registry(self.settings.model_dir)
         if registry.names():
             registry.get(model or self.settings.default_model, version)

@@ -19,6 +19,13 @@ class WireError(BatcheryError):
     """A message or result on the wire cannot be decoded."""
 
 
+class InvalidJobError(WireError):
+    """A job breaks the wire's rules (a name, an id, a size, a count): that job is refused."""
+
+    #: The refused job's id, when that much of it was valid (so it can be answered).
+    job_id: str | None = None
+
+
 class ModelNotFoundError(BatcheryError):
     """A job or command names a model or version the registry does not hold."""
 

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from producer.errors import ModelNotFoundError
+from producer.wire import check_name
 
 META_FILE = "model.json"
 PROMOTED_FILE = "PROMOTED"
@@ -140,7 +141,7 @@ class Registry:
 
     def promote(self, name: str, version: str) -> None:
         """Make ``version`` the one served by default; atomic for readers."""
-        self.get(name, version)
+        self.get(check_name("model", name) or name, check_name("version", version))
         tmp = self.root / name / f".{PROMOTED_FILE}.tmp"
         tmp.write_text(f"{version}\n")
         os.replace(tmp, self.root / name / PROMOTED_FILE)
@@ -157,6 +158,7 @@ class Registry:
         extra: dict[str, Any] | None = None,
     ) -> ModelInfo:
         """Copy a model file in as the next version of ``name``; the first version is promoted."""
+        check_name("model", name)
         versions = self.versions(name)
         version = str(int(versions[-1]) + 1) if versions else "1"
         path = self.root / name / version

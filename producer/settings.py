@@ -11,6 +11,7 @@ from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 from producer.errors import ConfigError
+from producer.wire import MAX_JOBS_PER_MESSAGE, base64_limit
 
 #: The repository's own models/ folder: the registry used when BATCHERY_MODEL_DIR is unset.
 DEFAULT_MODEL_DIR = Path(__file__).resolve().parent.parent / "models"
@@ -48,8 +49,17 @@ class Settings:
     signing_certs: Path | None = None
     metrics_port: int | None = None
     log_format: str = "text"
+    max_message_bytes: int = 8 * 1024 * 1024
+    prefetch_jobs: int = 0
+    prefetch_bytes: int = 64 * 1024 * 1024
+    batch_time_limit_s: float = 120.0
 
     def __post_init__(self) -> None:
+        if self.chunk_size > MAX_JOBS_PER_MESSAGE:
+            raise ConfigError(
+                f"BATCHERY_CHUNK_SIZE={self.chunk_size}: a message carries at most "
+                f"{MAX_JOBS_PER_MESSAGE} jobs"
+            )
         if self.log_format not in ("text", "json"):
             raise ConfigError(f"BATCHERY_LOG_FORMAT={self.log_format!r}: use text or json")
         tls = (self.redis_tls_ca, self.redis_tls_cert, self.redis_tls_key)
@@ -65,6 +75,19 @@ class Settings:
                 "message signing needs BATCHERY_SIGNING_KEY, BATCHERY_SIGNING_CERT and "
                 "BATCHERY_SIGNING_CERTS together"
             )
+
+    @property
+    def message_limit(self) -> int:
+        """The largest message a worker takes: a full message, or one job of the largest image."""
+        return max(self.max_message_bytes, base64_limit(self.max_image_bytes) + 64 * 1024)
+
+    @property
+    def prefetch_job_limit(self) -> int:
+        """Jobs a worker holds before they run (BATCHERY_PREFETCH_JOBS; by default two
+        batches per pool process, or a chunk per pool process and one more)."""
+        return self.prefetch_jobs or max(
+            2 * self.batch_size * self.concurrency, (self.concurrency + 1) * self.chunk_size
+        )
 
     @property
     def signing(self) -> bool:
@@ -160,6 +183,16 @@ class Settings:
                 else None
             ),
             log_format=text("BATCHERY_LOG_FORMAT", defaults.log_format).lower(),
+            max_message_bytes=int(
+                number("BATCHERY_MAX_MESSAGE_BYTES", defaults.max_message_bytes, minimum=1024)
+            ),
+            prefetch_jobs=int(number("BATCHERY_PREFETCH_JOBS", defaults.prefetch_jobs, minimum=0)),
+            prefetch_bytes=int(
+                number("BATCHERY_PREFETCH_BYTES", defaults.prefetch_bytes, minimum=1024)
+            ),
+            batch_time_limit_s=float(
+                number("BATCHERY_BATCH_TIME_LIMIT", defaults.batch_time_limit_s, float)
+            ),
         )
 
 

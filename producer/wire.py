@@ -13,14 +13,17 @@ from __future__ import annotations
 import base64
 import binascii
 import json
+import math
 import os
+import re
 import socket
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any, NamedTuple, Protocol
 
-from producer.errors import WireError
+from producer.errors import InvalidJobError, WireError
 
 #: The Celery task every message is addressed to.
 TASK_CLASSIFY = "batchery.classify"
@@ -28,7 +31,9 @@ TASK_CLASSIFY = "batchery.classify"
 #: Celery's own result key prefix: results live where a plain Celery client looks for them.
 RESULT_KEY_PREFIX = "celery-task-meta-"
 
-#: Worker counters (a Redis hash): jobs done, jobs failed, batches run, last batch time.
+#: Worker counters (a Redis hash): jobs done, jobs failed, batches run, last batch time,
+#: jobs computed again after they were answered (``computed_twice``: their second answer was
+#: discarded), and jobs refused without an id to answer them by (``refused``).
 STATS_KEY = "batchery:stats"
 
 #: Jobs that killed their worker too often, one JSON object each (never the image).
@@ -37,10 +42,22 @@ DEAD_LETTER_KEY = "batchery:dead"
 #: kombu's Redis transport keeps delivered, unacknowledged messages in this hash.
 UNACKED_KEY = "unacked"
 
-#: Every message Batchery pushes, until a worker has answered its jobs (see ledger.py):
-#: message id -> "<delivery tag> <raw envelope>", and message id -> when to check on it.
-LEDGER_KEY = "batchery:ledger"
-LEDGER_DUE_KEY = "batchery:ledger:due"
+
+def ledger_key(queue: str) -> str:
+    """Every message Batchery pushed on ``queue``, until a worker answered its jobs (see
+    ledger.py): message id -> "<delivery tag> <pushed at> <raw envelope>"."""
+    return f"batchery:ledger:{queue}"
+
+
+def ledger_due_key(queue: str) -> str:
+    """Message id -> when to check on it, for ``queue``'s ledger."""
+    return f"batchery:ledger:{queue}:due"
+
+
+def ledger_lock_key(queue: str) -> str:
+    """Held for a moment by the one worker process sweeping ``queue``'s ledger."""
+    return f"batchery:ledger:{queue}:sweeping"
+
 
 SUCCESS = "SUCCESS"
 FAILURE = "FAILURE"
@@ -64,10 +81,89 @@ def heartbeat_key(worker: str) -> str:
 
 HEARTBEAT_PREFIX = "batchery:worker:"
 
+#: A message's header saying how many jobs it carries (workers prefetch by jobs, not messages).
+JOBS_HEADER = "batchery_jobs"
+
 
 def new_job_id() -> str:
     """A fresh job id (a UUID4, as Celery's task ids are)."""
     return str(uuid.uuid4())
+
+
+#: Model and version names: letters, digits, ``.``, ``_``, ``-``; at most 64 characters; not
+#: starting with ``.`` or ``-`` (so never a hidden file, a parent folder or a flag).
+NAME_PATTERN = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]{0,63}")
+#: A job id: printable text of at most this many characters (Batchery's are UUID4s).
+MAX_JOB_ID_CHARS = 128
+#: Most jobs one message may carry; a message with more is refused whole.
+MAX_JOBS_PER_MESSAGE = 1024
+#: ``submitted_at`` outside this window (2000-01-01 to 2100-01-01) is ignored, not trusted.
+PLAUSIBLE_TIMES = (946_684_800.0, 4_102_444_800.0)
+#: Error texts stored in results are cut to this many characters.
+MAX_ERROR_CHARS = 300
+
+
+def excerpt(value: Any, limit: int = 40) -> str:
+    """A short, escaped excerpt of something an outsider sent: safe in an error or a log line.
+
+    Control and non-ASCII characters come out as escapes, so no excerpt can start a new log
+    line or hide text; anything longer than ``limit`` characters is cut and says how long.
+    """
+    if not isinstance(value, str):
+        return f"a {type(value).__name__}"
+    cut = value[:limit].encode("unicode_escape").decode("ascii").replace("'", "\\'")
+    more = f"... ({len(value)} characters)" if len(value) > limit else ""
+    return f"'{cut}'{more}"
+
+
+def bounded(text: str, limit: int = MAX_ERROR_CHARS) -> str:
+    """``text`` with control characters escaped, cut to ``limit`` characters."""
+    if not text.isprintable():
+        text = "".join(c if c.isprintable() else c.encode("unicode_escape").decode() for c in text)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def check_name(kind: str, value: Any) -> str | None:
+    """``value`` if it is a valid model or version name, or None; else :class:`InvalidJobError`."""
+    if value is None:
+        return None
+    if not isinstance(value, str) or NAME_PATTERN.fullmatch(value) is None:
+        raise InvalidJobError(
+            f"{kind} {excerpt(value)} is not a name: use letters, digits, '.', '_' and '-', "
+            "at most 64 characters, not starting with '.' or '-'"
+        )
+    return value
+
+
+def check_job_id(value: Any) -> str:
+    """``value`` if it is a valid job id; :class:`InvalidJobError` if not."""
+    if (
+        not isinstance(value, str)
+        or not 0 < len(value) <= MAX_JOB_ID_CHARS
+        or not value.isprintable()
+    ):
+        raise InvalidJobError(
+            f"job id {excerpt(value)} is not an id: printable text of 1 to "
+            f"{MAX_JOB_ID_CHARS} characters"
+        )
+    return value
+
+
+def plausible_time(value: Any) -> float:
+    """``value`` as a Unix time if it is a finite number in :data:`PLAUSIBLE_TIMES`, else 0."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return 0.0
+    try:
+        seconds = float(value)
+    except OverflowError:
+        return 0.0
+    low, high = PLAUSIBLE_TIMES
+    return seconds if math.isfinite(seconds) and low <= seconds <= high else 0.0
+
+
+def base64_limit(max_bytes: int) -> int:
+    """The longest base64 text that can decode to at most ``max_bytes`` bytes."""
+    return 4 * -(-max_bytes // 3)
 
 
 @dataclass(frozen=True)
@@ -96,28 +192,78 @@ class Job:
             wire["notify"] = False
         return wire
 
+    def wire_size(self) -> int:
+        """Roughly the bytes this job takes in a message (its image in base64, plus fields)."""
+        return base64_limit(len(self.image)) + 200
+
     @classmethod
-    def from_wire(cls, obj: Any) -> Job:
-        """Rebuild a job from :meth:`to_wire`'s dict; :class:`WireError` if it is malformed."""
+    def from_wire(cls, obj: Any, max_image_bytes: int = 1 << 62) -> Job:
+        """Rebuild a job from :meth:`to_wire`'s dict, checking every field.
+
+        :class:`InvalidJobError` (a :class:`WireError`) names the field at fault; its
+        ``job_id`` is the job's id when that much was valid, so the job can be failed.
+        """
+        if not isinstance(obj, dict):
+            raise InvalidJobError(f"a job must be an object, got {excerpt(obj)}")
+        job_id = check_job_id(obj.get("id"))
         try:
-            job_id = obj["id"]
-            if not isinstance(job_id, str) or not job_id:
-                raise TypeError(f"job id must be a non-empty string, got {job_id!r}")
-            image = base64.b64decode(obj["image"], validate=True)
-            model, version = obj.get("model"), obj.get("version")
-            for name, value in (("model", model), ("version", version)):
-                if value is not None and not isinstance(value, str):
-                    raise TypeError(f"{name} must be a string or null, got {value!r}")
+            model = check_name("model", obj.get("model"))
+            version = check_name("version", obj.get("version"))
+            image = obj.get("image")
+            if not isinstance(image, str):
+                raise InvalidJobError(f"image must be base64 text, got {excerpt(image)}")
+            # Checked before decoding: a huge field costs nothing more than its reading.
+            if len(image) > base64_limit(max_image_bytes):
+                raise InvalidJobError(
+                    f"image of about {len(image) * 3 // 4} bytes is over the limit of "
+                    f"{max_image_bytes} bytes (BATCHERY_MAX_IMAGE_BYTES)"
+                )
+            try:
+                data = base64.b64decode(image, validate=True)
+            except (binascii.Error, ValueError) as exc:
+                raise InvalidJobError("image is not valid base64") from exc
+            notify = obj.get("notify", True)
             return cls(
                 id=job_id,
-                image=image,
+                image=data,
                 model=model,
                 version=version,
-                submitted_at=float(obj.get("submitted_at") or 0.0),
-                notify=obj.get("notify", True) is not False,
+                submitted_at=plausible_time(obj.get("submitted_at")),
+                notify=notify is not False,
             )
-        except (KeyError, TypeError, ValueError, AttributeError, binascii.Error) as exc:
-            raise WireError(f"malformed job: {exc}") from exc
+        except InvalidJobError as exc:
+            exc.job_id = job_id
+            raise
+
+
+class Refusal(NamedTuple):
+    """A job a worker will not run: its id (None when even that was not valid) and why."""
+
+    job_id: str | None
+    reason: str
+
+
+def read_jobs(kwargs: Any, max_image_bytes: int = 1 << 62) -> tuple[list[Job], list[Refusal]]:
+    """The valid jobs in a message's kwargs, and a refusal for each invalid one.
+
+    A bad field refuses its own job only. A message with more than
+    :data:`MAX_JOBS_PER_MESSAGE` jobs is refused whole (each job it names, failed).
+    :class:`WireError` if the kwargs are not a jobs envelope at all.
+    """
+    if not isinstance(kwargs, dict) or not isinstance(kwargs.get("jobs"), list):
+        raise WireError("message kwargs must be an object with a 'jobs' list")
+    items = kwargs["jobs"]
+    if len(items) > MAX_JOBS_PER_MESSAGE:
+        reason = f"the message carries {len(items)} jobs, over the limit of {MAX_JOBS_PER_MESSAGE}"
+        return [], [Refusal(jid, reason) for jid in job_ids_in(kwargs)]
+    jobs: list[Job] = []
+    refused: list[Refusal] = []
+    for item in items:
+        try:
+            jobs.append(Job.from_wire(item, max_image_bytes))
+        except InvalidJobError as exc:
+            refused.append(Refusal(getattr(exc, "job_id", None), f"invalid job: {exc}"))
+    return jobs, refused
 
 
 def jobs_to_kwargs(jobs: list[Job], alone: bool = False) -> dict[str, Any]:
@@ -134,18 +280,54 @@ def runs_alone(kwargs: Any) -> bool:
 
 
 def jobs_from_kwargs(kwargs: Any) -> list[Job]:
-    """The jobs a message's kwargs carry; :class:`WireError` if the envelope is malformed."""
-    if not isinstance(kwargs, dict) or not isinstance(kwargs.get("jobs"), list):
-        raise WireError("message kwargs must be an object with a 'jobs' list")
-    return [Job.from_wire(item) for item in kwargs["jobs"]]
+    """Every job a message's kwargs carry; :class:`WireError` if any is malformed."""
+    jobs, refused = read_jobs(kwargs)
+    if refused:
+        raise WireError(f"malformed job: {refused[0].reason}")
+    return jobs
 
 
 def job_ids_in(kwargs: Any) -> list[str]:
-    """The job ids readable in possibly malformed kwargs, so their jobs can be failed."""
+    """The valid job ids readable in possibly malformed kwargs, so their jobs can be failed."""
     items = kwargs.get("jobs") if isinstance(kwargs, dict) else None
     if not isinstance(items, list):
         return []
-    return [i["id"] for i in items if isinstance(i, dict) and isinstance(i.get("id"), str)]
+    ids = []
+    for item in items:
+        try:
+            ids.append(check_job_id(item.get("id") if isinstance(item, dict) else None))
+        except InvalidJobError:
+            continue
+    return ids
+
+
+def jobs_in_headers(headers: Any) -> int:
+    """How many jobs a message says it carries (:data:`JOBS_HEADER`; 1 when absent or odd).
+
+    Only a weight for prefetching: a message that lies is still bounded by its bytes.
+    """
+    count = headers.get(JOBS_HEADER) if isinstance(headers, dict) else None
+    if isinstance(count, int) and not isinstance(count, bool):
+        return min(max(count, 1), MAX_JOBS_PER_MESSAGE)
+    return 1
+
+
+def chunk_jobs(jobs: Sequence[Job], most_jobs: int, most_bytes: int) -> list[list[Job]]:
+    """``jobs`` in order, split into messages of at most ``most_jobs`` jobs and about
+    ``most_bytes`` bytes (a job bigger than that alone makes a message of its own)."""
+    chunks: list[list[Job]] = []
+    current: list[Job] = []
+    size = 0
+    for job in jobs:
+        weight = job.wire_size()
+        if current and (len(current) >= most_jobs or size + weight > most_bytes):
+            chunks.append(current)
+            current, size = [], 0
+        current.append(job)
+        size += weight
+    if current:
+        chunks.append(current)
+    return chunks
 
 
 _ORIGIN = f"{os.getpid()}@{socket.gethostname()}"
@@ -196,11 +378,13 @@ def build_message(
         jobs_to_kwargs(jobs, alone),
         {"callbacks": None, "errbacks": None, "chain": None, "chord": None},
     ]
-    body = signer.sign(payload) if signer else json.dumps(payload).encode()
+    # The body travels as JSON text, not base64 (kombu reads an envelope without
+    # body_encoding as it is): image bytes are base64-encoded once on the wire, not twice.
+    body = signer.sign(payload).decode("ascii") if signer else json.dumps(payload)
     # argsrepr/kwargsrepr are what Celery logs: job ids only, never image bytes.
     ids = ", ".join(job.id for job in jobs[:3]) + (", ..." if len(jobs) > 3 else "")
     envelope = {
-        "body": base64.b64encode(body).decode("ascii"),
+        "body": body,
         "content-encoding": "utf-8",
         "content-type": signer.content_type if signer else "application/json",
         "headers": {
@@ -223,6 +407,7 @@ def build_message(
             "replaced_task_nesting": 0,
             "stamped_headers": None,
             "stamps": {},
+            JOBS_HEADER: len(jobs),
         },
         "properties": {
             "correlation_id": task_id,
@@ -230,7 +415,6 @@ def build_message(
             "delivery_mode": 2,
             "delivery_info": {"exchange": "", "routing_key": queue},
             "priority": 0,
-            "body_encoding": "base64",
             "delivery_tag": tag,
         },
     }
@@ -265,6 +449,7 @@ class JobResult:
         cls, job: Job | str, error: str, model: str | None = None, version: str | None = None
     ) -> JobResult:
         """A FAILURE result for a job (or a bare job id) with a message saying why."""
+        error = bounded(error)
         if isinstance(job, Job):
             return cls(job.id, FAILURE, model or job.model, version or job.version, error=error)
         return cls(job, FAILURE, model, version, error=error)

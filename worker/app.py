@@ -23,13 +23,13 @@ from celery.exceptions import ImproperlyConfigured
 from redis.backoff import ExponentialBackoff
 from redis.retry import Retry
 
-from producer import ledger
 from producer.errors import BatcheryError, ConfigError
 from producer.registry import ModelInfo, Registry
 from producer.settings import Settings, redact_url
 from producer.wire import TASK_CLASSIFY, UNACKED_KEY, deaths_key, heartbeat_key, result_key
-from worker import metrics
+from worker import logs, metrics
 from worker.batching import BATCH_DONE, DynamicBatches
+from worker.compat import check_libraries
 from worker.models import ModelCache
 from worker.refusals import refusing_consumer
 from worker.tasks import BatchRunner, RequestLike
@@ -92,8 +92,9 @@ def warm_up(settings: Settings) -> None:
                 log.warning("heartbeat not written: %s", exc)
             batch_runner.models.refresh()
             try:
-                resent = ledger.sweep(batch_runner.redis, settings.queue,
-                                      settings.visibility_timeout_s)  # fmt: skip
+                resent = batch_runner.ledger.sweep(
+                    settings.visibility_timeout_s, settings.result_ttl_s, every_s=interval
+                )
                 if resent:
                     log.warning("sent again %d messages lost in transit", resent)
             except redis.RedisError as exc:
@@ -143,8 +144,9 @@ def create_app(settings: Settings) -> Celery:
     app = Celery(
         "batchery", broker=settings.redis_url, backend=settings.redis_url, set_as_current=True
     )
-    # Room for two full batches per pool process, so a batch can fill while one runs.
-    prefetch = math.ceil(2 * settings.batch_size / max(1, settings.concurrency))
+    # Prefetch is weighed in jobs and bytes (worker.transport): Celery's own count, in
+    # messages, is only an outer bound (a message carries at least one job).
+    prefetch = math.ceil(settings.prefetch_job_limit / max(1, settings.concurrency))
     # Signed messages only, when signing is set up; JSON alone otherwise. Never pickle.
     accept = ["auth"] if settings.signing else ["json"]
     app.conf.update(
@@ -167,6 +169,9 @@ def create_app(settings: Settings) -> Celery:
             "visibility_timeout": settings.visibility_timeout_s,
             "unacked_restore_interval": 1,
             "unacked_restore_throttle": 1,
+            "max_message_bytes": settings.message_limit,
+            "prefetch_jobs": settings.prefetch_job_limit,
+            "prefetch_bytes": settings.prefetch_bytes,
         },
         # A dead pool process's batch is requeued after this wait (Celery's default: 10 s).
         # Results it stored before dying are kept: a redelivered job is not recomputed.
@@ -192,6 +197,7 @@ def create_app(settings: Settings) -> Celery:
         flush_every=settings.batch_size,
         flush_interval=max(settings.batch_wait_ms, 0.5) / 1000.0,
         pool_slots=settings.concurrency,
+        time_limit=settings.batch_time_limit_s,
         on_worker_lost=staticmethod(count_deaths(settings)),  # a plain function, not a method
         ignore_result=True,
     )
@@ -222,31 +228,13 @@ def set_up_signing(app: Celery, settings: Settings) -> None:
         raise ConfigError(f"message signing: {exc}") from exc
 
 
-def json_logs(logger: logging.Logger, **_: Any) -> None:
-    """Give every handler Celery set up a formatter writing one JSON object a line.
-
-    Fields: time, level, process, logger, message, and what a line adds (a batch's
-    ``job_ids``, ``batch_size``, ``models``, ``failed``).
-    """
-    from pythonjsonlogger.json import JsonFormatter
-
-    formatter = JsonFormatter(
-        "%(asctime)s %(levelname)s %(processName)s %(name)s %(message)s",
-        rename_fields={"asctime": "time", "levelname": "level", "processName": "process",
-                       "name": "logger"},
-    )  # fmt: skip
-    for handler in logger.handlers:
-        handler.setFormatter(formatter)
-
-
 def run_worker(settings: Settings, loglevel: str = "INFO") -> None:
     """Run a Celery worker for ``settings`` in the foreground (``batchery worker``)."""
+    check_libraries()
     logging.getLogger(__name__).info("broker %s", redact_url(settings.redis_url))
     metrics.prepare(settings)  # before anything imports prometheus_client or forks
     app = create_app(settings)
-    if settings.log_format == "json":
-        signals.after_setup_logger.connect(json_logs, weak=False)
-        signals.after_setup_task_logger.connect(json_logs, weak=False)
+    logs.set_up(settings.log_format)
     if settings.metrics_port is not None:
         queue_reader = redis_client(settings)
 

@@ -15,10 +15,15 @@ things:
 - Task events (received, started, succeeded; retried when requeued) are sent per message,
   as Celery's own strategy sends them, so Flower and ``celery events`` see the tasks;
   celery-batches sends none.
-- Messages are acknowledged only after their batch has stored its results. A batch that
-  raised, or whose pool process died, is rejected and requeued (celery-batches acks it
-  regardless, leaving its jobs PENDING forever); a death is counted against each of the
-  batch's jobs, which is how poison jobs are found (see ``worker.tasks``).
+- Messages are acknowledged only after their batch has stored its results (celery-batches
+  acks them regardless, leaving their jobs PENDING forever if the batch fails).
+- A batch whose pool process died, or that ran past ``time_limit`` seconds (its process is
+  then killed: a decoder that hangs can't stall the worker), is requeued at once, and the
+  death counted against each of its jobs: that is how poison jobs are found and isolated
+  (see ``worker.tasks``). The batch function answers every job whatever else goes wrong,
+  so the only other failure is Redis refusing its results: that batch is given back after
+  a pause that doubles with each try of the same message (1 s up to 30 s), so a worker
+  never spins on a message it can't finish.
 """
 
 from __future__ import annotations
@@ -30,7 +35,7 @@ from collections.abc import Callable, Collection
 from queue import Empty
 from typing import Any
 
-from billiard.exceptions import WorkerLostError
+from billiard.exceptions import TimeLimitExceeded, WorkerLostError
 from celery_batches import Batches, SimpleRequest
 from celery_batches.trace import apply_batches_task
 
@@ -74,7 +79,12 @@ class DynamicBatches(Batches):
     pool_slots = 1
     #: Called with the job ids of a batch whose pool process died (set by the app).
     on_worker_lost: Callable[[list[str]], None] | None = None
+    #: Seconds a batch may run before its pool process is killed (None: no limit).
+    time_limit: float | None = None
     _tref: Any  # celery-batches' flush timer
+
+    #: Pause before a failed batch's messages go back to the queue: doubling, capped.
+    RETRY_PAUSE_S = (1.0, 30.0)
 
     def __init__(self) -> None:
         super().__init__()
@@ -83,6 +93,9 @@ class DynamicBatches(Batches):
         self._generation = 0
         # A request taken from the buffer that must start the next batch (see _next_batch).
         self._carry: deque[Any] = deque()
+        self._timer: Any = None
+        # Message id -> failed tries here, for the pause before it is given back.
+        self._tries: dict[str, int] = {}
 
     def Strategy(self, task: Batches, app: Any, consumer: Any) -> Callable[..., None]:
         """Wrap celery-batches' message handler with the flush-when-idle rule.
@@ -101,6 +114,7 @@ class DynamicBatches(Batches):
             self._tref.cancel()
             self._tref = None
         buffer_message = super().Strategy(task, app, consumer)
+        self._timer = consumer.timer
         eventer = consumer.event_dispatcher
         self._eventer = eventer if eventer is not None and eventer.enabled else None
 
@@ -174,7 +188,7 @@ class DynamicBatches(Batches):
         finished = False
         started = time.monotonic()
 
-        def finish(ok: bool, reason: str) -> None:
+        def finish(ok: bool, reason: str, died: bool = False) -> None:
             nonlocal finished
             if finished:  # a lost process may be reported after its result
                 return
@@ -183,16 +197,17 @@ class DynamicBatches(Batches):
                 return  # from before a consumer restart: its messages were given back
             self._busy -= 1
             runtime = time.monotonic() - started
-            for request in requests:
-                if ok:
+            if ok:
+                for request in requests:
+                    self._tries.pop(request.id, None)
                     request.acknowledge()
                     self._event("task-succeeded", request.id, result=repr(BATCH_DONE),
                                 runtime=runtime)  # fmt: skip
-                else:
-                    request.reject(requeue=True)
-                    self._event("task-retried", request.id, exception=reason, traceback="")
-            if not ok:
-                log.error("batch of %d messages requeued: %s", len(requests), reason)
+            else:
+                pause = 0.0 if died else self._pause(requests)
+                log.error("batch of %d messages requeued%s: %s", len(requests),
+                          f" in {pause:g} s" if pause else "", reason)  # fmt: skip
+                self._requeue(requests, reason, pause)
             self._do_flush()
 
         def on_return(result: Any) -> None:
@@ -200,13 +215,14 @@ class DynamicBatches(Batches):
 
         def on_error(error: Any) -> None:
             exc = unwrap(error)
-            if isinstance(exc, WorkerLostError) and self.on_worker_lost is not None:
+            died = isinstance(exc, (WorkerLostError, TimeLimitExceeded))
+            if died and self.on_worker_lost is not None:
                 ids = [jid for request in requests for jid in job_ids_in(request_kwargs(request))]
                 try:
                     self.on_worker_lost(ids)
                 except Exception:
                     log.exception("could not count the death of the batch's worker")
-            finish(False, repr(exc))
+            finish(False, f"{type(exc).__name__}: {exc}", died)
 
         serializable = ([SimpleRequest.from_request(r) for r in requests],)
         result = self._pool.apply_async(
@@ -214,7 +230,34 @@ class DynamicBatches(Batches):
             (self, serializable, 0, None),
             callback=on_return,
             error_callback=on_error,
+            timeout=self.time_limit,
         )
         for request in requests:
             self._event("task-started", request.id, pid=0)
         return result
+
+    def _pause(self, requests: list[Any]) -> float:
+        """Seconds to wait before giving these messages back: doubling with their tries."""
+        tries = 0
+        for request in requests:
+            tries = max(tries, self._tries.get(request.id, 0) + 1)
+            if len(self._tries) < 100_000:
+                self._tries[request.id] = tries
+        first, cap = self.RETRY_PAUSE_S
+        return float(min(cap, first * 2 ** (tries - 1)))
+
+    def _requeue(self, requests: list[Any], reason: str, pause: float) -> None:
+        """Give the messages back to the queue, now or after ``pause`` seconds."""
+
+        def give_back() -> None:
+            for request in requests:
+                try:
+                    request.reject(requeue=True)
+                except Exception:  # a lost connection gives it back anyway
+                    log.exception("could not give a message back")
+                self._event("task-retried", request.id, exception=reason, traceback="")
+
+        if pause and self._timer is not None:
+            self._timer.call_after(pause, give_back)
+        else:
+            give_back()

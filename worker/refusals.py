@@ -20,15 +20,21 @@ from typing import Any
 import redis
 from celery.worker.consumer import Consumer
 
+from producer.errors import InvalidJobError
 from producer.settings import Settings
 from producer.signing import CONTENT_TYPE as SIGNED_CONTENT_TYPE
-from producer.wire import TASK_CLASSIFY, JobResult, job_ids_in
+from producer.wire import (
+    MAX_JOB_ID_CHARS,
+    TASK_CLASSIFY,
+    JobResult,
+    bounded,
+    check_job_id,
+    excerpt,
+    job_ids_in,
+)
 from worker.tasks import store_results
 
 log = logging.getLogger(__name__)
-
-#: A job id longer than this is not a job id: nothing is stored for it.
-MAX_ID_LENGTH = 200
 
 
 def readable_job_ids(message: Any) -> list[str]:
@@ -44,8 +50,15 @@ def readable_job_ids(message: Any) -> list[str]:
             ids += job_ids_in(body[1])
     except Exception:  # an undecodable body names no jobs
         pass
-    unique = dict.fromkeys(i for i in ids if 0 < len(i) <= MAX_ID_LENGTH)
-    return list(unique)
+    return [jid for jid in dict.fromkeys(ids) if _valid_id(jid)]
+
+
+def _valid_id(value: Any) -> bool:
+    try:
+        check_job_id(value)
+    except InvalidJobError:
+        return False
+    return True
 
 
 def describe(message: Any) -> str:
@@ -54,8 +67,8 @@ def describe(message: Any) -> str:
     task = headers.get("task")
     job = headers.get("id")
     return (
-        f"message (content type {message.content_type!r}, task {str(task)[:80]!r}, "
-        f"id {str(job)[:MAX_ID_LENGTH]!r}, {len(message.body or b'')} bytes)"
+        f"message (content type {excerpt(message.content_type)}, task {excerpt(task)}, "
+        f"id {excerpt(job, MAX_JOB_ID_CHARS)}, {len(message.body or b'')} bytes)"
     )
 
 
@@ -71,7 +84,7 @@ def refusing_consumer(
 
         def refuse(self, message: Any, reason: str) -> None:
             """Drop the message, log why (never its body), fail the jobs it names."""
-            reason = reason if len(reason) <= 300 else reason[:300] + "..."
+            reason = bounded(reason)
             log.error("refused %s: %s", describe(message), reason)
             ids = readable_job_ids(message)
             try:
@@ -79,12 +92,15 @@ def refusing_consumer(
                     message.reject(requeue=False)
             except Exception:  # a lost channel gives the message back anyway
                 log.exception("could not drop a refused message")
-            if not ids:
-                return
+            headers = message.headers if isinstance(message.headers, dict) else {}
+            message_id = headers.get("id")
             try:
                 self._results = self._results or connect(settings)
+                # Struck off the ledger at once: no sweep sends a refused message again.
+                settled = [message_id] if isinstance(message_id, str) else []
                 failures = [JobResult.failure(jid, f"message refused: {reason}") for jid in ids]
-                store_results(self._results, failures, settings.result_ttl_s, batch=False)
+                store_results(self._results, settings.queue, failures, settings.result_ttl_s,
+                              settled=settled, batch=False)  # fmt: skip
             except redis.RedisError as exc:
                 log.warning("could not store the refusal of %d jobs: %s", len(ids), exc)
 
@@ -100,8 +116,7 @@ def refusing_consumer(
                 if headers is not None and not (
                     isinstance(headers, dict)
                     and isinstance(headers.get("task"), str)
-                    and isinstance(headers.get("id"), str)
-                    and 0 < len(headers["id"]) <= MAX_ID_LENGTH
+                    and _valid_id(headers.get("id"))
                 ):
                     self.refuse(message, "headers without a task name and a job id")
                     return
@@ -128,7 +143,7 @@ def refusing_consumer(
         def on_unknown_task(self, body: Any, message: Any, exc: Exception) -> None:
             task = message.headers.get("task") if isinstance(message.headers, dict) else None
             self.refuse(
-                message, f"unknown task {str(task)[:80]!r}; this worker runs {TASK_CLASSIFY!r}"
+                message, f"unknown task {excerpt(task)}; this worker runs {TASK_CLASSIFY!r}"
             )
 
         def on_invalid_task(self, body: Any, message: Any, exc: Exception) -> None:

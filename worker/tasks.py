@@ -1,8 +1,9 @@
 """The batched task: many messages in, one forward pass per model version, one result per job.
 
-The batch contract: every job in the batch gets exactly one result, and a failure is recorded
-against every job it touched (a broken image fails only its own job; a failed forward pass
-fails the jobs that were in it).
+The batch contract: every job in the batch gets exactly one result, whatever raises on the
+way. A bad field fails its own job where the message enters; a broken image fails only its
+own job; anything else that raises is narrowed down to the jobs at fault by splitting the
+batch (:func:`answer_each`), so the others still get their answers.
 """
 
 from __future__ import annotations
@@ -11,14 +12,14 @@ import json
 import logging
 import time
 from collections import Counter, defaultdict
-from collections.abc import Collection, Iterable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from typing import Any, Protocol
 
 import numpy as np
 import redis
 
-from producer import ledger
-from producer.errors import BatcheryError, InvalidImageError, WireError
+from producer.errors import BatchContractError, BatcheryError, InvalidImageError, WireError
+from producer.ledger import Ledger, settle
 from producer.settings import Settings
 from producer.signing import Signer
 from producer.wire import (
@@ -28,13 +29,15 @@ from producer.wire import (
     SUCCESS,
     Job,
     JobResult,
+    Refusal,
     TopK,
+    bounded,
     build_message,
     deaths_key,
     encode_result_meta,
-    job_ids_in,
-    jobs_from_kwargs,
+    excerpt,
     new_job_id,
+    read_jobs,
     result_key,
 )
 from worker import preprocess
@@ -42,6 +45,9 @@ from worker.metrics import Metrics
 from worker.models import LoadedModel, ModelCache
 
 log = logging.getLogger(__name__)
+
+#: The metric label of a model or version the registry does not hold.
+OTHER = "other"
 
 
 class RequestLike(Protocol):
@@ -66,9 +72,14 @@ class BatchRunner:
         self.redis = redis_client
         self.metrics = recorded
         self.signer = Signer.from_settings(settings)
+        self.ledger = Ledger(redis_client, settings.queue)
+        self._labels: dict[tuple[str, str], tuple[str, str]] = {}
 
     def run(self, requests: Sequence[RequestLike]) -> list[JobResult]:
         """Answer every job in these messages and store the answers; return them.
+
+        Only a Redis error escapes (the batch is then given back, to run once Redis answers):
+        whatever else goes wrong ends as a result for every job (see :func:`answer_each`).
 
         At-least-once delivery means a job can come again: one already answered is skipped
         (idempotent). A job whose worker process died holding it comes back with a death
@@ -76,16 +87,54 @@ class BatchRunner:
         ``poison_kills`` deaths it is failed and dead-lettered instead of run again.
         """
         started = time.time()
-        jobs: list[Job] = []
+        jobs, results, unanswerable = self.read(requests)
+        try:
+            results.extend(self.answer(jobs))
+        except redis.RedisError:
+            raise
+        except Exception as exc:  # a bug of ours outside the per-job contract
+            log.exception("batch of %d jobs failed outside the batch contract", len(jobs))
+            done = {result.job_id for result in results}
+            reason = f"internal error: {type(exc).__name__}: {exc}"
+            results.extend(JobResult.failure(job, reason) for job in jobs if job.id not in done)
+        settled = [request.id for request in requests if isinstance(request.id, str)]
+        self.store(
+            results, quiet={job.id for job in jobs if not job.notify}, settled=settled,
+            refused=unanswerable,
+        )  # fmt: skip
+        self.report(jobs, results, started)
+        return results
+
+    def read(self, requests: Sequence[RequestLike]) -> tuple[list[Job], list[JobResult], int]:
+        """The valid jobs of these messages (each id once), FAILURE results for the invalid
+        ones, and how many invalid jobs had no valid id to answer them by."""
+        jobs: dict[str, Job] = {}
         results: list[JobResult] = []
+        unanswerable = 0
+        limit = self.settings.max_image_bytes
         for request in requests:
             try:
-                jobs.extend(jobs_from_kwargs(request.kwargs))
+                valid, refused = read_jobs(request.kwargs, limit)
             except WireError as exc:
-                log.error("message %s: %s", request.id, exc)
-                # No job id readable: the message's own id is its job's, for a single job.
-                ids = job_ids_in(request.kwargs) or [str(request.id)]
-                results.extend(JobResult.failure(jid, f"malformed message: {exc}") for jid in ids)
+                # No jobs list: the message's own id is its job's, for a single job.
+                message_id = request.id if isinstance(request.id, str) else None
+                refused = [Refusal(message_id, f"malformed message: {exc}")]
+                valid = []
+            for refusal in refused:
+                if refusal.job_id is None:
+                    unanswerable += 1
+                else:
+                    results.append(JobResult.failure(refusal.job_id, refusal.reason))
+            if refused:
+                log.warning("message %s: %d jobs refused, first: %s", excerpt(request.id, 64),
+                            len(refused), refused[0].reason)  # fmt: skip
+            for job in valid:
+                jobs.setdefault(job.id, job)
+        refused_ids = {result.job_id for result in results}
+        return [job for jid, job in jobs.items() if jid not in refused_ids], results, unanswerable
+
+    def answer(self, jobs: Sequence[Job]) -> list[JobResult]:
+        """Results for fresh jobs; jobs already answered, or isolated, get none here."""
         answered, deaths = self._history(jobs)
         fresh = [job for job in jobs if job.id not in answered]
         if answered:
@@ -102,12 +151,7 @@ class BatchRunner:
             suspects = []
         held = {job.id for job in poison} | {job.id for job in suspects}
         runnable = [job for job in fresh if job.id not in held]
-        results.extend(self.fail_poison(poison, deaths))
-        results.extend(self.classify(runnable))
-        settled = [request.id for request in requests if isinstance(request.id, str)]
-        self.store(results, quiet={job.id for job in jobs if not job.notify}, settled=settled)
-        self.report(fresh, results, started)
-        return results
+        return self.fail_poison(poison, deaths) + self.classify(runnable)
 
     def report(self, jobs: Sequence[Job], results: Sequence[JobResult], started: float) -> None:
         """Log the batch (one line, with every job id) and record its metrics."""
@@ -126,7 +170,7 @@ class BatchRunner:
         if self.metrics is None:
             return
         # One increment per (model, version, status), not per job: a batch has few of them.
-        outcomes = Counter((r.model or "", r.version or "", r.status) for r in results)
+        outcomes = Counter((*self._label(r.model, r.version), r.status) for r in results)
         for labels, count in outcomes.items():
             self.metrics.jobs.labels(*labels).inc(count)
         answered = {result.job_id for result in results}
@@ -134,6 +178,25 @@ class BatchRunner:
             if job.submitted_at and job.id in answered:
                 self.metrics.queue_wait.observe(max(0.0, started - job.submitted_at))
                 self.metrics.end_to_end.observe(max(0.0, stored - job.submitted_at))
+
+    def _label(self, model: str | None, version: str | None) -> tuple[str, str]:
+        """Metric labels for a result: a model and version the registry holds, or ``other``.
+
+        A job may name anything; only what exists becomes a label, so no sender can
+        multiply the series a worker exports.
+        """
+        key = (model or "", version or "")
+        label = self._labels.get(key)
+        if label is None:
+            registry = self.models.registry
+            try:
+                exists = bool(model) and version in (None, *registry.versions(str(model)))
+            except OSError:
+                exists = False
+            label = key if exists else (OTHER, OTHER)
+            if len(self._labels) < 1024:
+                self._labels[key] = label
+        return label
 
     def _history(self, jobs: Sequence[Job]) -> tuple[set[str], dict[str, int]]:
         """Which jobs already have a result, and how often each killed a worker: one trip."""
@@ -144,7 +207,7 @@ class BatchRunner:
             pipe.mget([deaths_key(job.id) for job in jobs])
             stored, counts = pipe.execute()
         answered = {job.id for job, raw in zip(jobs, stored, strict=True) if raw is not None}
-        deaths = {job.id: int(n) for job, n in zip(jobs, counts, strict=True) if n is not None}
+        deaths = {job.id: _count(n) for job, n in zip(jobs, counts, strict=True) if n is not None}
         return answered, deaths
 
     def isolate(self, jobs: Sequence[Job]) -> None:
@@ -154,7 +217,7 @@ class BatchRunner:
             build_message([job], queue, new_job_id(), alone=True, signer=self.signer)
             for job in jobs
         ]
-        ledger.push(self.redis, queue, messages, self.settings.visibility_timeout_s)
+        self.ledger.push(messages, self.settings.visibility_timeout_s)
         log.warning("isolated %d jobs whose worker died: %s", len(jobs),
                     ", ".join(job.id for job in jobs))  # fmt: skip
 
@@ -179,7 +242,7 @@ class BatchRunner:
         return results
 
     def classify(self, jobs: Sequence[Job]) -> list[JobResult]:
-        """One result per job, in the jobs' order."""
+        """One result per job, in the jobs' order, whatever goes wrong on the way."""
         by_id: dict[str, JobResult] = {}
         groups: dict[tuple[str | None, str | None], list[Job]] = defaultdict(list)
         for job in jobs:
@@ -190,17 +253,27 @@ class BatchRunner:
             except BatcheryError as exc:
                 by_id.update((job.id, JobResult.failure(job, str(exc))) for job in group)
                 continue
-            by_id.update((r.job_id, r) for r in self._classify_with(model, group))
-        answered = [by_id[job.id] for job in jobs if job.id in by_id]
-        if len(answered) != len(jobs):
-            missing = [job.id for job in jobs if job.id not in by_id]
-            raise AssertionError(f"batch contract broken: no result for jobs {missing}")
-        return answered
+            except Exception as exc:  # the registry's I/O, a model that won't load
+                log.exception("model %s@%s not loaded", excerpt(name), excerpt(version))
+                error = f"model not loaded: {type(exc).__name__}: {exc}"
+                by_id.update((job.id, JobResult.failure(job, error)) for job in group)
+                continue
 
-    def _classify_with(self, model: LoadedModel, jobs: Sequence[Job]) -> Iterable[JobResult]:
+            def compute(part: Sequence[Job], model: LoadedModel = model) -> list[JobResult]:
+                return self._classify_with(model, part)
+
+            by_id.update((r.job_id, r) for r in answer_each(group, compute))
+        return [by_id[job.id] for job in jobs]
+
+    def _classify_with(self, model: LoadedModel, jobs: Sequence[Job]) -> list[JobResult]:
+        """Decode each job (a bad image fails alone), then one forward pass for the rest.
+
+        Anything else that raises is :func:`answer_each`'s to sort out.
+        """
         info = model.info
         inputs: list[np.ndarray] = []
         ready: list[Job] = []
+        results: list[JobResult] = []
         for job in jobs:
             try:
                 inputs.append(
@@ -213,40 +286,76 @@ class BatchRunner:
                 )
                 ready.append(job)
             except InvalidImageError as exc:
-                yield JobResult.failure(job, str(exc), info.name, info.version)
-        if not ready:
-            return
-        try:
+                results.append(JobResult.failure(job, str(exc), info.name, info.version))
+        if ready:
             observe = self.metrics.forward_pass if self.metrics else None
             probs = model.predict(preprocess.normalize(np.stack(inputs), info), observe)
-        except Exception as exc:
-            log.exception("forward pass of %s failed for %d jobs", info.key, len(ready))
-            for job in ready:
-                yield JobResult.failure(job, f"inference failed: {exc}", info.name, info.version)
-            return
-        yield from postprocess(model, ready, probs, self.settings.top_k)
+            results.extend(postprocess(model, ready, probs, self.settings.top_k))
+        by_id = {result.job_id: result for result in results}
+        return [by_id[job.id] for job in jobs]
 
     def store(
         self, results: Sequence[JobResult], quiet: Collection[str] = (),
-        settled: Sequence[str] = (),
+        settled: Sequence[str] = (), refused: int = 0,
     ) -> None:  # fmt: skip
         """Store a batch's results (see :func:`store_results`)."""
-        store_results(self.redis, results, self.settings.result_ttl_s, quiet, settled)
+        store_results(self.redis, self.settings.queue, results, self.settings.result_ttl_s,
+                      quiet, settled, refused=refused)  # fmt: skip
+
+
+def answer_each(
+    jobs: Sequence[Job], compute: Callable[[Sequence[Job]], list[JobResult]]
+) -> list[JobResult]:
+    """The batch contract, kept whatever ``compute`` raises: one result per job, in order.
+
+    ``compute`` must give N results for N jobs, in their order. If it raises (a decoder's
+    bug, an ``OSError``, a forward pass that fails on one input), or breaks that contract,
+    the jobs are split in two and each half runs again, down to single jobs: the jobs that
+    were fine get their answers, and each job at fault a FAILURE saying what it raised. At
+    most ``2N - 1`` calls, never a retry loop.
+    """
+    if not jobs:
+        return []
+    try:
+        results = compute(jobs)
+        if [result.job_id for result in results] != [job.id for job in jobs]:
+            raise BatchContractError(
+                f"{len(jobs)} jobs gave {len(results)} results, or not in their order"
+            )
+        return results
+    except Exception as exc:
+        if len(jobs) == 1:
+            log.error("job %s failed: %s: %s", jobs[0].id, type(exc).__name__, bounded(str(exc)))
+            return [JobResult.failure(jobs[0], f"job failed: {type(exc).__name__}: {exc}")]
+        log.warning("a batch of %d jobs raised %s: split in two to find the jobs at fault",
+                    len(jobs), type(exc).__name__)  # fmt: skip
+        half = len(jobs) // 2
+        return answer_each(jobs[:half], compute) + answer_each(jobs[half:], compute)
+
+
+def _count(raw: Any) -> int:
+    try:
+        return int(raw)
+    except (TypeError, ValueError):
+        return 0
 
 
 def store_results(
-    client: redis.Redis, results: Sequence[JobResult], ttl_s: int,
+    client: redis.Redis, queue: str, results: Sequence[JobResult], ttl_s: int,
     quiet: Collection[str] = (), settled: Sequence[str] = (), batch: bool = True,
+    refused: int = 0,
 ) -> None:  # fmt: skip
     """Write every result, publish it to waiting clients and count it: one round trip.
 
     A result is written only if the job has none yet (SET NX): a job delivered twice keeps
-    its first answer, so no one ever sees two, and the counters count each job once (written
-    and counted in one script, so a process killed mid-store can't leave them apart).
-    Results of ``quiet`` jobs are written but not published. The ``settled`` messages are
-    struck off the ledger. ``batch``: count a batch (not for refused messages).
+    its first answer, so no one ever sees two; a second answer is counted as
+    ``computed_twice``, and the counters count each job once (written and counted in one
+    script, so a process killed mid-store can't leave them apart). Results of ``quiet`` jobs
+    are written but not published. The ``settled`` messages are struck off ``queue``'s
+    ledger. ``batch``: count a batch (not for refused messages). ``refused``: jobs refused
+    without an id to answer them by.
     """
-    args: list[Any] = [ttl_s, f"{time.time():.3f}", 1 if batch else 0]
+    args: list[Any] = [ttl_s, f"{time.time():.3f}", 1 if batch else 0, refused]
     for result in results:
         args += [
             result_key(result.job_id),
@@ -258,21 +367,26 @@ def store_results(
         pipe.eval(_STORE, 1, STATS_KEY, *args)
         if results:
             pipe.delete(*(deaths_key(result.job_id) for result in results))
-        ledger.settle(pipe, settled)
+        settle(pipe, queue, settled)
         pipe.execute()
 
 
-# KEYS[1]: the stats hash. ARGV: ttl, now, batches, then key, meta, notify, failed per result.
+# KEYS[1]: the stats hash. ARGV: ttl, now, batches, refused, then key, meta, notify, failed
+# per result.
 _STORE = """
-local done, failed = 0, 0
-for i = 4, #ARGV, 4 do
+local done, failed, twice = 0, 0, 0
+for i = 5, #ARGV, 4 do
   if redis.call('SET', ARGV[i], ARGV[i + 1], 'EX', tonumber(ARGV[1]), 'NX') then
     if ARGV[i + 2] == '1' then redis.call('PUBLISH', ARGV[i], ARGV[i + 1]) end
     if ARGV[i + 3] == '1' then failed = failed + 1 else done = done + 1 end
+  else
+    twice = twice + 1
   end
 end
 redis.call('HINCRBY', KEYS[1], 'done', done)
 redis.call('HINCRBY', KEYS[1], 'failed', failed)
+if twice > 0 then redis.call('HINCRBY', KEYS[1], 'computed_twice', twice) end
+if ARGV[4] ~= '0' then redis.call('HINCRBY', KEYS[1], 'refused', tonumber(ARGV[4])) end
 if ARGV[3] == '1' then
   redis.call('HINCRBY', KEYS[1], 'batches', 1)
   redis.call('HSET', KEYS[1], 'last_batch_at', ARGV[2])

@@ -1,10 +1,18 @@
-"""kombu's Redis transport, hardened: a message that is not a kombu envelope is dropped.
+"""kombu's Redis transport, hardened and weighed: what a worker takes in is bounded.
 
-kombu pops a message off the queue and parses it before Celery sees it. Anything pushed
-there that is not JSON, or JSON without an envelope's shape (``properties`` not an object,
-a body that isn't base64), raises out of kombu's event loop and stops the worker; and a
-restarted worker meets the next such message. Here such a message is logged (its length,
-never its content) and dropped: it was already popped, so nothing else is lost.
+- A message that is not a kombu envelope is dropped. kombu pops a message off the queue and
+  parses it before Celery sees it; anything that is not JSON, or JSON without an envelope's
+  shape (``properties`` not an object, a body that isn't base64), would raise out of kombu's
+  event loop and stop the worker, and a restarted worker would meet the next one. Here it
+  is logged (its length, never its content) and dropped: it was already popped, so nothing
+  else is lost.
+- A message over ``max_message_bytes`` is dropped before it is parsed, the same way.
+- Prefetch is counted in jobs and bytes, not messages (:class:`WeighedQoS`): a worker holds
+  at most ``prefetch_jobs`` jobs and ``prefetch_bytes`` bytes of messages taken but not yet
+  answered (always at least one message), whether they come one job to a message or 256.
+
+It overrides kombu 5.7's ``Channel._brpop_read`` and ``QoS``; ``worker.compat`` refuses to
+start on a kombu whose insides differ.
 """
 
 from __future__ import annotations
@@ -13,23 +21,108 @@ import logging
 from typing import Any
 
 from kombu.transport import redis as kombu_redis
+from kombu.utils.encoding import bytes_to_str
+from kombu.utils.json import loads
+
+from producer.wire import jobs_in_headers
 
 log = logging.getLogger(__name__)
 
 
+class WeighedQoS(kombu_redis.QoS):
+    """kombu's Redis QoS, with prefetch bounded by the jobs and bytes the messages carry."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._weights: dict[Any, tuple[int, int]] = {}
+        self._jobs = 0
+        self._bytes = 0
+
+    def can_consume(self) -> bool:
+        """Room for one more message: under the message count, the jobs and the bytes."""
+        if not self._weights:
+            return True
+        channel = self.channel
+        return bool(
+            super().can_consume()
+            and self._jobs < channel.prefetch_jobs
+            and self._bytes < channel.prefetch_bytes
+        )
+
+    def can_consume_max_estimate(self) -> int | None:
+        return 1 if self.can_consume() else 0
+
+    def append(self, message: Any, delivery_tag: Any) -> None:
+        weight = (jobs_in_headers(message.headers), len(message.body or ""))
+        super().append(message, delivery_tag)
+        self._weights[delivery_tag] = weight
+        self._jobs += weight[0]
+        self._bytes += weight[1]
+
+    def _unweigh(self, delivery_tag: Any) -> None:
+        jobs, size = self._weights.pop(delivery_tag, (0, 0))
+        self._jobs -= jobs
+        self._bytes -= size
+
+    def ack(self, delivery_tag: Any) -> None:
+        super().ack(delivery_tag)
+        self._unweigh(delivery_tag)
+
+    def reject(self, delivery_tag: Any, requeue: bool = False) -> None:
+        super().reject(delivery_tag, requeue=requeue)
+        self._unweigh(delivery_tag)
+
+    def restore_unacked(self, client: Any = None) -> None:
+        super().restore_unacked(client)
+        self._weights.clear()
+        self._jobs = self._bytes = 0
+
+
 class Channel(kombu_redis.Channel):
-    """A Redis channel that drops unreadable messages instead of raising."""
+    """A Redis channel that drops unreadable or oversized messages and weighs what it takes."""
+
+    QoS = WeighedQoS
+    #: Set from Batchery's settings through the broker's transport options.
+    max_message_bytes = 1 << 62
+    prefetch_jobs = 1 << 62
+    prefetch_bytes = 1 << 62
+    from_transport_options = (  # type: ignore[assignment]
+        *kombu_redis.Channel.from_transport_options,
+        "max_message_bytes",
+        "prefetch_jobs",
+        "prefetch_bytes",
+    )
 
     def _brpop_read(self, **options: Any) -> bool:
+        # kombu 5.7's own, with the size check and the refusal of what isn't an envelope.
         # Everything past parsing (Celery's consumer) refuses bad messages itself (see
-        # worker.refusals): what reaches here was raised by kombu reading the envelope.
+        # worker.refusals).
         try:
-            delivered: bool = super()._brpop_read(**options)
-        except (ValueError, TypeError, KeyError, AttributeError) as exc:
-            log.error("dropped a message that is not a kombu envelope (%s: %s)",
-                      type(exc).__name__, str(exc)[:200])  # fmt: skip
+            try:
+                dest__item = self.client.parse_response(self.client.connection, "BRPOP", **options)
+            except self.connection_errors:
+                self.client.connection.disconnect()
+                raise
+            if not dest__item:
+                raise kombu_redis.Empty()
+            dest, item = dest__item
+            dest = bytes_to_str(dest).rsplit(self.sep, 1)[0]
+            self._queue_cycle.rotate(dest)
+            if len(item) > self.max_message_bytes:
+                log.error("dropped a message of %d bytes, over the limit of %d "
+                          "(BATCHERY_MAX_MESSAGE_BYTES)", len(item),
+                          self.max_message_bytes)  # fmt: skip
+                return True
+            try:
+                payload = loads(bytes_to_str(item))
+                self.connection._deliver(payload, dest)
+            except (ValueError, TypeError, KeyError, AttributeError) as exc:
+                log.error("dropped a message that is not a kombu envelope (%s, %d bytes)",
+                          type(exc).__name__, len(item))  # fmt: skip
             return True
-        return delivered
+        finally:
+            self._in_poll = None  # type: ignore[assignment]
+            self._flush_brpop_reauth()
 
 
 class Transport(kombu_redis.Transport):

@@ -2,8 +2,10 @@
 
 Each test runs 2,000 jobs through a Redis with appendonly on and real worker processes,
 breaks something mid-run, and checks that every job ends SUCCESS with the right label, none
-lost, none answered twice (a job's first answer is kept: SET NX, so the `done` counter counts
-each job once), recovered within a stated time. Each prints its figures.
+lost, none answered twice as clients see it (a job's first answer is kept: SET NX, so the
+`done` counter counts each job once), all answered within a bound of the break. Jobs
+computed again (their second answer discarded) are counted in `computed_twice`, and printed
+with the figures.
 """
 
 from __future__ import annotations
@@ -20,15 +22,19 @@ import pytest
 from producer.client import Client
 from producer.local import RedisServer, WorkerProcess
 from producer.settings import Settings
-from producer.wire import STATS_KEY, deaths_key, heartbeat_key
+from producer.wire import STATS_KEY, UNACKED_KEY, deaths_key, heartbeat_key
 from tests.factories import digit_paths, label_of, wait_until_serving
 
 pytestmark = pytest.mark.integration
 
 JOBS = 2000
 VISIBILITY_S = 5
-# Worker start-up (TensorFlow, model) plus the visibility timeout plus kombu's 1 s scan.
-RECOVERY_BOUND_S = 60
+# From the break to the last answer: what the break costs, plus the rest of the run's jobs
+# (under 3 s of work here). A standby worker is serving before a whole worker is broken.
+POOL_KILL_BOUND_S = 10.0  # the pool gives a dead process's batch back within ~1 s
+WORKER_KILL_BOUND_S = VISIBILITY_S + 10.0  # its messages come back after the timeout
+SIGTERM_BOUND_S = 60.0  # a new worker's start-up (TensorFlow, the model), then the rest
+REDIS_RESTART_BOUND_S = 30.0  # workers and producers reconnect with backoff
 
 
 @pytest.fixture(scope="module")
@@ -81,18 +87,20 @@ def wait_for_answers(client: Client, n: int, timeout: float = 120) -> None:
 
 
 def check_all_answered(client: Client, ids: list[str], labels: list[str], broke_at: float,
-                       what: str, kills: int) -> None:  # fmt: skip
-    results = client.results(ids, timeout=RECOVERY_BOUND_S + 60)
+                       what: str, kills: int, bound_s: float) -> None:  # fmt: skip
+    results = client.results(ids, timeout=bound_s + 60)
     recovered_s = time.monotonic() - broke_at
     lost = [r["job_id"] for r in results if r["status"] != "SUCCESS"]
     wrong = sum(r["label"] != label for r, label in zip(results, labels, strict=True))
-    done = int(client.redis.hget(STATS_KEY, "done") or 0)
+    stats = client.redis.hgetall(STATS_KEY)
+    done, twice = int(stats.get(b"done", 0)), int(stats.get(b"computed_twice", 0))
     print(f"\n{what}: jobs {len(ids)}, kills {kills}, lost {len(lost)}, "
-          f"answered twice {done - len(ids)}, time to recover {recovered_s:.1f} s")  # fmt: skip
+          f"answered twice {done - len(ids)}, computed twice {twice}, "
+          f"break to last answer {recovered_s:.1f} s (bound {bound_s:g} s)")  # fmt: skip
     assert not lost, f"{len(lost)} jobs not answered: {lost[:5]}"
     assert wrong <= len(ids) * 0.05  # the model's own error rate on these digits is ~3%
     assert done == len(ids), "a job was answered twice"
-    assert recovered_s < RECOVERY_BOUND_S + 60
+    assert recovered_s < bound_s
 
 
 def children(pid: int) -> list[int]:
@@ -141,7 +149,8 @@ def test_sigkill_of_a_pool_process_mid_batch(redis_url: str) -> None:
                 if time.monotonic() > broke_at + 3:
                     break
                 time.sleep(0.05)
-        check_all_answered(client, ids, labels, broke_at, "SIGKILL pool process", kills)
+        check_all_answered(client, ids, labels, broke_at, "SIGKILL pool process", kills,
+                           POOL_KILL_BOUND_S)  # fmt: skip
         # Once the dead process's jobs were answered (isolated, or found already answered),
         # no death count is held against them any more.
         deadline = time.monotonic() + 30
@@ -152,27 +161,45 @@ def test_sigkill_of_a_pool_process_mid_batch(redis_url: str) -> None:
         worker.stop()
 
 
-def test_sigkill_of_the_whole_worker_then_a_new_one(redis_url: str) -> None:
-    first, client, ids, labels = start_run(redis_url)
-    assert first.process is not None
-    os.killpg(first.process.pid, signal.SIGKILL)
-    first.process.wait()
-    broke_at = time.monotonic()
-    second = start_worker(redis_url)
+def standby_worker(url: str, client: Client, timeout: float = 240) -> WorkerProcess:
+    """A second worker, started and waited for until both its pool processes beat."""
+    worker = start_worker(url)
+    assert worker.process is not None
+    deadline = time.monotonic() + timeout
+    while True:
+        worker.check_alive()
+        beats = [heartbeat_key(f"{socket.gethostname()}:{c}") for c in children(worker.process.pid)]
+        if len(beats) == 2 and all(client.redis.exists(b) for b in beats):
+            return worker
+        assert time.monotonic() < deadline, "the standby worker did not start"
+        time.sleep(0.2)
+
+
+def test_sigkill_of_the_whole_worker_with_another_serving(redis_url: str) -> None:
+    first, client, ids, labels = start_run(redis_url, jobs=4000)
+    second = standby_worker(redis_url, client)
     try:
-        check_all_answered(client, ids, labels, broke_at, "SIGKILL worker + new worker", 1)
+        assert first.process is not None
+        os.killpg(first.process.pid, signal.SIGKILL)
+        first.process.wait()
+        broke_at = time.monotonic()
+        check_all_answered(client, ids, labels, broke_at, "SIGKILL worker, another serving", 1,
+                           WORKER_KILL_BOUND_S)  # fmt: skip
     finally:
         second.stop()
 
 
-def test_sigterm_mid_batch_requeues_what_was_not_done(redis_url: str) -> None:
+def test_sigterm_gives_back_what_was_not_started_at_once(redis_url: str) -> None:
     first, client, ids, labels = start_run(redis_url)
     first.stop(timeout=60)  # SIGTERM: warm shutdown
     broke_at = time.monotonic()
     assert first.process is not None and first.process.returncode == 0
+    # Given back as it exited (no other worker runs), not left for the visibility timeout.
+    assert client.redis.hlen(UNACKED_KEY) == 0 and client.redis.llen("chaos") > 0
     second = start_worker(redis_url)
     try:
-        check_all_answered(client, ids, labels, broke_at, "SIGTERM + new worker", 0)
+        check_all_answered(client, ids, labels, broke_at, "SIGTERM + new worker", 0,
+                           SIGTERM_BOUND_S)  # fmt: skip
     finally:
         second.stop()
 
@@ -184,7 +211,8 @@ def test_redis_restart_mid_run(durable_redis: RedisServer, redis_url: str) -> No
         broke_at = time.monotonic()
         time.sleep(2)
         durable_redis.start()
-        check_all_answered(client, ids, labels, broke_at, "Redis restart", 0)
+        check_all_answered(client, ids, labels, broke_at, "Redis restart", 0,
+                           REDIS_RESTART_BOUND_S)  # fmt: skip
         # The worker carried on: a new job after the restart is answered too.
         assert client.result(client.submit(digit_paths(1)[0]), timeout=60)["status"] == "SUCCESS"
     finally:

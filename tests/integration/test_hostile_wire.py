@@ -22,7 +22,7 @@ import pytest
 from producer.client import Client
 from producer.local import WorkerProcess
 from producer.settings import Settings
-from producer.wire import Job, build_message
+from producer.wire import Job, build_message, ledger_due_key, ledger_key
 from tests.factories import bomb_png, corrupt_png, digit_image, digit_paths, encode
 
 pytestmark = pytest.mark.integration
@@ -47,7 +47,9 @@ def envelope(job_id: str, image: bytes | None = None, **changes: Any) -> dict[st
 
 
 def with_body(message: dict[str, Any], body: bytes) -> dict[str, Any]:
-    return {**message, "body": base64.b64encode(body).decode("ascii")}
+    """The message with ``body`` in base64, as stock Celery producers send bodies."""
+    properties = {**message["properties"], "body_encoding": "base64"}
+    return {**message, "body": base64.b64encode(body).decode("ascii"), "properties": properties}
 
 
 def push(client: Client, message: dict[str, Any]) -> None:
@@ -84,12 +86,12 @@ def test_a_pickle_message_is_dropped_and_nothing_it_carries_runs(client, worker,
          "unknown task 'os.system'; this worker runs 'batchery.classify'"),
         ("wrong-image-type", with_body(envelope("h-3"), json.dumps(
             [[], {"jobs": [{"id": "h-3", "image": 12345}]}, {}]).encode()),
-         "malformed message"),
+         "invalid job: image must be base64 text"),
         ("jobs-not-a-list", with_body(envelope("h-4"), json.dumps(
             [[], {"jobs": "h-4"}, {}]).encode()), "malformed message"),
         ("bad-base64", with_body(envelope("h-5"), json.dumps(
             [[], {"jobs": [{"id": "h-5", "image": "@@@"}]}, {}]).encode()),
-         "malformed message"),
+         "invalid job: image is not valid base64"),
         ("body-not-a-task", with_body(envelope("h-6"), json.dumps({"a": 1}).encode()),
          "message refused"),
     ],
@@ -174,8 +176,8 @@ def test_a_jobs_image_is_gone_from_redis_once_it_is_answered(client, redis_serve
     # The search finds an image while it waits (on a queue no worker reads)...
     parked = Client(settings=Settings(redis_url=redis_server.url, queue="parked"))
     parked.submit(image)
-    assert keys_holding(client, needle) == ["parked"]
-    client.redis.delete("parked")
+    assert sorted(keys_holding(client, needle)) == [ledger_key("parked"), "parked"]
+    client.redis.delete("parked", ledger_key("parked"), ledger_due_key("parked"))
     # ...and nothing once the job is answered and its message acknowledged.
     result = client.result(client.submit(image), timeout=30)
     assert result["status"] == "SUCCESS"

@@ -8,6 +8,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from producer.client import Client
@@ -22,12 +23,25 @@ SHIPPED = ROOT / "models" / "mnist-cnn" / "1" / "model.keras"
 LABELS = [str(d) for d in range(10)]
 
 
+def shifted(path: Path) -> Path:
+    """The shipped model with its output layer's weights rotated by one class: genuinely
+    different weights, which answer ``(d + 1) % 10`` where version 1 answers ``d``."""
+    from worker.models import tensorflow
+
+    model = tensorflow().keras.models.load_model(SHIPPED, compile=False)
+    kernel, bias = model.layers[-1].get_weights()
+    model.layers[-1].set_weights([np.roll(kernel, 1, axis=1), np.roll(bias, 1)])
+    model.save(path)
+    return path
+
+
 @pytest.fixture(scope="module")
 def live(redis_server: RedisServer, tmp_path_factory) -> Iterator[tuple[Client, Registry]]:
-    """A worker on its own registry (mnist-cnn 1 and 2) and its own queue."""
-    registry = Registry(tmp_path_factory.mktemp("registry") / "models")
-    for _ in range(2):
-        registry.publish(SHIPPED, "mnist-cnn", LABELS, (28, 28, 1))
+    """A worker on its own registry (mnist-cnn 1, and 2 with other weights) and its own queue."""
+    root = tmp_path_factory.mktemp("registry")
+    registry = Registry(root / "models")
+    registry.publish(SHIPPED, "mnist-cnn", LABELS, (28, 28, 1))
+    registry.publish(shifted(root / "shifted.keras"), "mnist-cnn", LABELS, (28, 28, 1))
     env = {"BATCHERY_MODEL_DIR": str(registry.root), "BATCHERY_QUEUE": "hot-update",
            "BATCHERY_MODEL_WATCH_S": "0.5"}  # fmt: skip
     settings = Settings(redis_url=redis_server.url, queue="hot-update", model_dir=registry.root)
@@ -67,6 +81,15 @@ def test_promote_switches_a_running_worker_within_5_s_without_losing_jobs(live) 
     assert {by_id[job]["version"] for job in before[:-5]} == {"1"}
     late = [job for at, job in submitted if at > promoted_at + 5.0]
     assert late and {by_id[job]["version"] for job in late} == {"2"}
+    # Version 2 has other weights: each digit gets version 1's answer, plus one.
+    path_of = {job: paths[i % len(paths)] for i, (_, job) in enumerate(submitted)}
+    answers: dict[str, dict[Path, set[str]]] = {"1": {}, "2": {}}
+    for job, result in by_id.items():
+        answers[result["version"]].setdefault(path_of[job], set()).add(result["label"])
+    assert len(answers["2"]) == len(paths)
+    for path, labels in answers["2"].items():
+        [v1] = answers["1"][path]
+        assert labels == {str((int(v1) + 1) % 10)}, (path.name, v1, labels)
     first_v2 = min(at for at, job in submitted if by_id[job]["version"] == "2")
     print(
         f"\njobs {len(submitted)}, lost 0, switched to v2 "

@@ -202,11 +202,11 @@ def signing_files(tmp_path: Path) -> SigningFiles:
 def tampered(message_raw: str, other: Job, queue: str) -> str:
     """A signed message whose signed body was swapped for another job's."""
     envelope = json.loads(message_raw)
-    packed = base64.b64decode(base64.b64decode(envelope["body"]))
+    packed = base64.b64decode(envelope["body"])
     signer_id, signature, ctype, encoding, _ = packed.split(b"\x00\x01", 4)
-    forged_body = base64.b64decode(json.loads(build_message([other], queue).raw)["body"])
+    forged_body = json.loads(build_message([other], queue).raw)["body"].encode()
     fields = b"\x00\x01".join([signer_id, signature, ctype, encoding, forged_body])
-    envelope["body"] = base64.b64encode(base64.b64encode(fields)).decode()
+    envelope["body"] = base64.b64encode(fields).decode()
     envelope["headers"]["id"] = other.id
     return json.dumps(envelope)
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 from types import SimpleNamespace
 from typing import Any
 
+import pytest
+
 from producer.wire import Job, jobs_to_kwargs
 from worker.batching import DynamicBatches
 
@@ -62,3 +64,58 @@ def test_no_batch_goes_out_while_every_pool_process_is_busy() -> None:
     task._busy = 0
     task._do_flush()
     assert task.batches == [["a"], ["s"], ["b"]]
+
+
+class Delivered(SimpleNamespace):
+    """A buffered request that records what became of its message."""
+
+    def acknowledge(self) -> None:
+        self.fate = "acked"
+
+    def reject(self, requeue: bool) -> None:
+        self.fate = "requeued" if requeue else "dropped"
+
+
+def test_a_batch_that_could_not_store_is_given_back_after_a_doubling_pause(monkeypatch) -> None:
+    """The batch function answers every job whatever raises; only Redis refusing the results
+    fails a batch, and then its messages wait before going back: a worker never spins."""
+    monkeypatch.setattr("worker.batching.SimpleRequest.from_request", lambda r: r)
+    task = DynamicBatches()
+    task.time_limit = 7.0
+    submitted: list[Any] = []
+    pauses: list[float] = []
+    task._pool = SimpleNamespace(apply_async=lambda *a, **kw: submitted.append(kw))
+    task._timer = SimpleNamespace(call_after=lambda secs, fn: (pauses.append(secs), fn()))
+    for _ in range(7):
+        request = Delivered(id="m", _payload=((), jobs_to_kwargs([Job("j", b"x")]), {}))
+        task.flush([request])
+        assert submitted[-1]["timeout"] == 7.0  # the batch's hard time limit
+        submitted[-1]["callback"](None)  # what celery-batches returns when the batch raised
+        assert request.fate == "requeued"
+    assert pauses == [1.0, 2.0, 4.0, 8.0, 16.0, 30.0, 30.0]
+    ok = Delivered(id="m", _payload=((), jobs_to_kwargs([Job("j", b"x")]), {}))
+    task.flush([ok])
+    submitted[-1]["callback"]("stored")
+    assert ok.fate == "acked" and "m" not in task._tries
+
+
+def test_a_batch_past_its_time_limit_counts_as_a_death_and_goes_back_at_once(
+    monkeypatch,
+) -> None:
+    from billiard.einfo import ExceptionInfo
+    from billiard.exceptions import TimeLimitExceeded
+
+    monkeypatch.setattr("worker.batching.SimpleRequest.from_request", lambda r: r)
+    task = DynamicBatches()
+    submitted: list[Any] = []
+    deaths: list[list[str]] = []
+    task._pool = SimpleNamespace(apply_async=lambda *a, **kw: submitted.append(kw))
+    task._timer = SimpleNamespace(call_after=lambda *_: pytest.fail("paused a death"))
+    task.on_worker_lost = deaths.append
+    request = Delivered(id="m", _payload=((), jobs_to_kwargs([Job("a", b"x"), Job("b", b"x")]), {}))
+    task.flush([request])
+    try:
+        raise TimeLimitExceeded(7.0)
+    except TimeLimitExceeded:
+        submitted[-1]["error_callback"](ExceptionInfo())
+    assert deaths == [["a", "b"]] and request.fate == "requeued"

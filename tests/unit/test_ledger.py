@@ -5,52 +5,109 @@ from __future__ import annotations
 import fakeredis
 
 from producer import ledger
-from producer.wire import LEDGER_DUE_KEY, LEDGER_KEY, UNACKED_KEY, Job, build_message
+from producer.ledger import Ledger
+from producer.wire import UNACKED_KEY, Job, build_message, ledger_due_key, ledger_key
 
 
-def messages(n: int) -> list:
-    return [build_message([Job(f"job-{i}", b"img")], "q") for i in range(n)]
+def messages(n: int, queue: str = "q") -> list:
+    return [build_message([Job(f"job-{i}", b"img")], queue) for i in range(n)]
 
 
 def test_push_records_every_message_and_settle_strikes_them_off() -> None:
     r = fakeredis.FakeRedis()
     sent = messages(3)
-    assert ledger.push(r, "q", sent, check_after_s=60) == 3
-    assert r.llen("q") == 3 and r.hlen(LEDGER_KEY) == 3 and r.zcard(LEDGER_DUE_KEY) == 3
+    assert Ledger(r, "q").push(sent, check_after_s=60) == 3
+    assert r.llen("q") == 3 and r.hlen(ledger_key("q")) == 3 and r.zcard(ledger_due_key("q")) == 3
     with r.pipeline() as pipe:
-        ledger.settle(pipe, [sent[0].id, sent[1].id])
+        ledger.settle(pipe, "q", [sent[0].id, sent[1].id])
         pipe.execute()
-    assert r.hkeys(LEDGER_KEY) == [sent[2].id.encode()]
+    assert r.hkeys(ledger_key("q")) == [sent[2].id.encode()]
 
 
 def test_a_full_queue_takes_nothing() -> None:
     r = fakeredis.FakeRedis()
-    ledger.push(r, "q", messages(2), 60, limit=3)
-    assert ledger.push(r, "q", messages(2), 60, limit=3) == -1
-    assert r.llen("q") == 2 and r.hlen(LEDGER_KEY) == 2
+    book = Ledger(r, "q")
+    book.push(messages(2), 60, limit=3)
+    assert book.push(messages(2), 60, limit=3) == -1
+    assert r.llen("q") == 2 and r.hlen(ledger_key("q")) == 2
 
 
 def test_sweep_resends_only_what_is_neither_queued_nor_held() -> None:
     r = fakeredis.FakeRedis()
+    book = Ledger(r, "q")
     queued, held, lost = messages(3)
-    ledger.push(r, "q", [queued, held, lost], check_after_s=-1)  # all overdue at once
+    book.push([queued, held, lost], check_after_s=-1)  # all overdue at once
     # A worker took `held` (kombu recorded it unacked) and `lost` (the record never made it).
     r.lrem("q", 0, held.raw)
     r.lrem("q", 0, lost.raw)
     r.hset(UNACKED_KEY, held.tag, "...")
-    assert ledger.sweep(r, "q", check_after_s=60) == 1
+    assert book.sweep(check_after_s=60, expire_s=3600, every_s=0.001) == 1
     assert r.lrange("q", 0, -1).count(lost.raw.encode()) == 1
     assert r.llen("q") == 2  # `queued` is still there once; `held` was left to kombu
+    r.delete("batchery:ledger:q:sweeping")
     # Checked again only after another check_after_s: no resend storm.
-    assert ledger.sweep(r, "q", check_after_s=60) == 0
+    assert book.sweep(check_after_s=60, expire_s=3600, every_s=0.001) == 0
 
 
-def test_a_settled_message_is_never_resent() -> None:
+def test_a_settled_or_refused_message_is_never_resent() -> None:
     r = fakeredis.FakeRedis()
-    [message] = messages(1)
-    ledger.push(r, "q", [message], check_after_s=-1)
+    book = Ledger(r, "q")
+    settled, refused = messages(2)
+    book.push([settled, refused], check_after_s=-1)
     r.delete("q")
     with r.pipeline() as pipe:
-        ledger.settle(pipe, [message.id])
+        ledger.settle(pipe, "q", [settled.id])
         pipe.execute()
-    assert ledger.sweep(r, "q", 60) == 0 and r.llen("q") == 0
+    book.strike([refused.id])
+    assert book.sweep(60, 3600) == 0 and r.llen("q") == 0
+    assert r.hlen(ledger_key("q")) == 0 and r.zcard(ledger_due_key("q")) == 0
+
+
+def test_each_queue_sweeps_only_its_own_messages() -> None:
+    r = fakeredis.FakeRedis()
+    [mine] = messages(1, "mine")
+    [theirs] = messages(1, "theirs")
+    Ledger(r, "mine").push([mine], check_after_s=-1)
+    Ledger(r, "theirs").push([theirs], check_after_s=-1)
+    r.delete("mine", "theirs")  # both lost in transit
+    assert Ledger(r, "mine").sweep(60, 3600) == 1
+    assert r.lrange("mine", 0, -1) == [mine.raw.encode()]
+    assert r.llen("theirs") == 0  # never pushed onto another queue
+
+
+def test_old_entries_expire_instead_of_coming_back() -> None:
+    r = fakeredis.FakeRedis()
+    book = Ledger(r, "q")
+    book.push(messages(2), check_after_s=-1)
+    r.delete("q")
+    assert book.sweep(60, expire_s=-1) == 0  # older than the expiry: dropped, not resent
+    assert r.llen("q") == 0 and r.hlen(ledger_key("q")) == 0 and r.zcard(ledger_due_key("q")) == 0
+
+
+def test_one_process_sweeps_at_a_time() -> None:
+    r = fakeredis.FakeRedis()
+    book = Ledger(r, "q")
+    book.push(messages(1), check_after_s=-1)
+    r.delete("q")
+    assert Ledger(r, "q").sweep(60, 3600, every_s=30) == 1
+    book.push(messages(1), check_after_s=-1)
+    r.delete("q")
+    assert book.sweep(60, 3600, every_s=30) == 0  # the other process holds the sweep
+
+
+def test_a_deep_queue_is_never_scanned_whole(monkeypatch) -> None:
+    r = fakeredis.FakeRedis()
+    monkeypatch.setattr(ledger, "SCAN", 10)
+    book = Ledger(r, "q")
+    [lost] = messages(1)
+    book.push([lost], check_after_s=-1)
+    r.delete("q")
+    # Twenty messages queued after it: the lost one can't be told from one still waiting
+    # among them without scanning past the ten oldest, so it waits for a shorter queue.
+    book.push(messages(20), check_after_s=3600)
+    assert Ledger(r, "q").sweep(60, 3600, every_s=0.001) == 0
+    for _ in range(11):
+        r.rpop("q")
+    r.zadd(ledger_due_key("q"), {lost.id: 0})
+    r.delete("batchery:ledger:q:sweeping")
+    assert Ledger(r, "q").sweep(60, 3600, every_s=0.001) == 1

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import base64
 import json
 import ssl
 from pathlib import Path
@@ -41,7 +40,7 @@ def verified(raw: str, settings: Settings) -> list:
     envelope = json.loads(raw)
     assert envelope["content-type"] == CONTENT_TYPE
     checker = SecureSerializer(cert_store=FSCertStore(str(settings.signing_certs)), digest="sha256")
-    return checker.deserialize(base64.b64decode(envelope["body"]))
+    return checker.deserialize(envelope["body"].encode())
 
 
 def test_a_signed_message_verifies_against_the_store(signing: Settings) -> None:

@@ -78,7 +78,7 @@ def test_malformed_messages_fail_the_jobs_they_name_and_spare_the_rest(runner, f
     ]
     results = {r.job_id: r for r in runner.run(requests)}
     assert results["broken-1"].status == "FAILURE"
-    assert "malformed message" in results["broken-1"].error
+    assert "invalid job: image is not valid base64" in results["broken-1"].error
     assert results["job-1"].status == "SUCCESS"
     assert fake_redis.get(result_key("broken-1")) is not None
 
@@ -112,5 +112,32 @@ def test_a_failed_forward_pass_fails_every_job_it_touched(models, fake_redis) ->
     finally:
         models._loaded[info.key] = saved
     assert [r.status for r in results] == ["FAILURE"] * 5
-    assert all("inference failed" in r.error for r in results)
+    # Split down to single jobs, each of which still breaks the contract: every job says so.
+    assert all("job failed: BatchContractError" in r.error for r in results)
     assert int(fake_redis.hget(STATS_KEY, "failed")) == 5
+
+
+def test_a_batch_running_when_a_promote_lands_finishes_on_its_old_version(
+    tmp_path, fake_redis
+) -> None:
+    registry = Registry(tmp_path / "models")
+    shipped = ROOT / "models" / "mnist-cnn" / "1" / "model.keras"
+    for _ in range(2):
+        registry.publish(shipped, "mnist-cnn", [str(d) for d in range(10)], (28, 28, 1))
+    cache = ModelCache(registry, "mnist-cnn", batch_size=16, threads=1)
+    runner = BatchRunner(Settings(), cache, fake_redis)
+    real = runner._classify_with
+
+    def promote_mid_batch(model: LoadedModel, jobs: Any) -> Any:
+        registry.promote("mnist-cnn", "2")
+        cache.refresh()  # what the housekeeping thread does: v2 loaded, new jobs switched
+        return real(model, jobs)
+
+    runner._classify_with = promote_mid_batch  # type: ignore[method-assign]
+    paths = digit_paths(4)
+    batch = [job(i, p.read_bytes()) for i, p in enumerate(paths)]
+    running = runner.run([Request("a", jobs_to_kwargs(batch))])
+    runner._classify_with = real  # type: ignore[method-assign]
+    later = runner.run([Request("b", jobs_to_kwargs([job(9, paths[0].read_bytes())]))])
+    assert {r.version for r in running} == {"1"}
+    assert [r.version for r in later] == ["2"]

@@ -1,4 +1,3 @@
-import base64
 import json
 
 import pytest
@@ -25,7 +24,7 @@ def make_job(i: int = 0, **kw: object) -> Job:
 
 
 def test_job_round_trips_through_json() -> None:
-    job = make_job(1, model="mnist-cnn", version="2", submitted_at=12.5)
+    job = make_job(1, model="mnist-cnn", version="2", submitted_at=1_790_000_000.5)
     assert Job.from_wire(json.loads(json.dumps(job.to_wire()))) == job
 
 
@@ -42,9 +41,14 @@ def test_job_round_trips_through_json() -> None:
         None,
     ],
 )
-def test_malformed_job_is_a_wire_error_from_its_cause(bad: object) -> None:
-    with pytest.raises(WireError) as info:
+def test_malformed_job_is_a_wire_error(bad: object) -> None:
+    with pytest.raises(WireError):
         Job.from_wire(bad)
+
+
+def test_undecodable_base64_is_a_wire_error_from_its_cause() -> None:
+    with pytest.raises(WireError) as info:
+        Job.from_wire({"id": "x", "image": "not base64!!"})
     assert info.value.__cause__ is not None
 
 
@@ -53,9 +57,10 @@ def test_message_is_a_celery_protocol_2_task_in_kombus_redis_envelope() -> None:
     envelope = json.loads(encode_message(jobs, "batchery"))
     assert envelope["content-type"] == "application/json"
     assert envelope["headers"]["task"] == TASK_CLASSIFY
-    assert envelope["properties"]["body_encoding"] == "base64"
+    assert "body_encoding" not in envelope["properties"]  # JSON text: base64 once, not twice
+    assert envelope["headers"]["batchery_jobs"] == 3
     assert envelope["properties"]["delivery_info"]["routing_key"] == "batchery"
-    args, kwargs, embed = json.loads(base64.b64decode(envelope["body"]))
+    args, kwargs, embed = json.loads(envelope["body"])
     assert args == [] and set(embed) == {"callbacks", "errbacks", "chain", "chord"}
     assert jobs_from_kwargs(kwargs) == jobs
     # What Celery logs carries job ids, never the image bytes.
