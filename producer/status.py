@@ -13,7 +13,11 @@ from producer.wire import DEAD_LETTER_KEY, HEARTBEAT_PREFIX, STATS_KEY, UNACKED_
 
 
 def collect(client: Client) -> dict[str, Any]:
-    """Queue depth, messages in flight, live worker processes, counters, dead letters."""
+    """Queue depth, messages in flight, live worker processes, counters, dead letters.
+
+    ``computed_twice``: jobs computed again after they were answered (the second answer was
+    discarded); ``refused``: jobs refused without a valid id to answer them by.
+    """
     r = client.redis
     workers = sorted(
         key.decode()[len(HEARTBEAT_PREFIX) :]
@@ -36,6 +40,8 @@ def collect(client: Client) -> dict[str, Any]:
         "done": int(stats.get("done", 0)),
         "failed": int(stats.get("failed", 0)),
         "batches": int(stats.get("batches", 0)),
+        "computed_twice": int(stats.get("computed_twice", 0)),
+        "refused": int(stats.get("refused", 0)),
         "dead_letters": dead,
     }
 
@@ -49,7 +55,8 @@ def render(status: dict[str, Any]) -> str:
         f"workers alive  {status['workers_alive']}"
         + (f" ({', '.join(status['workers'])})" if status["workers"] else ""),
         f"jobs           {status['done']} done, {status['failed']} failed, "
-        f"in {status['batches']} batches",
+        f"in {status['batches']} batches; {status['computed_twice']} computed twice "
+        f"(answered once), {status['refused']} refused without an id",
         f"dead letters   {status['dead_letters']}",
     ]
     if "jobs_per_s" in status:

@@ -106,12 +106,14 @@ def test_status_reads_depth_flight_workers_counts_and_dead_letters(fake_redis) -
     client.submit_many(digit_paths(3))
     fake_redis.hset("unacked", "tag", "x")
     fake_redis.set(heartbeat_key("host:1"), "1", ex=10)
-    fake_redis.hset(STATS_KEY, mapping={"done": 5, "failed": 1, "batches": 2})
+    fake_redis.hset(STATS_KEY, mapping={"done": 5, "failed": 1, "batches": 2,
+                                        "computed_twice": 3, "refused": 4})  # fmt: skip
     fake_redis.lpush(DEAD_LETTER_KEY, "{}")
     status = collect(client)
     assert status == {
         "redis": "redis://:***@h:6379/0", "queue": "batchery", "queue_depth": 1,
         "in_flight": 1, "workers_alive": 1, "workers": ["host:1"], "done": 5, "failed": 1,
-        "batches": 2, "dead_letters": 1,
+        "batches": 2, "computed_twice": 3, "refused": 4, "dead_letters": 1,
     }  # fmt: skip
     assert "1 messages waiting, 1 in flight" in render(status) and "pw" not in render(status)
+    assert "3 computed twice (answered once), 4 refused without an id" in render(status)
