@@ -95,6 +95,18 @@ def wait_until_serving(client: Client, worker: WorkerProcess, timeout: float = 2
         time.sleep(0.2)
 
 
+def peak_rss_kib() -> int:
+    """This process's peak resident memory in KiB (VmHWM).
+
+    Not ``ru_maxrss``: Linux carries that over from the parent through fork and exec, so a
+    child of a big test process would never see its own peak.
+    """
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1])
+    raise RuntimeError("no VmHWM in /proc/self/status")
+
+
 def png_chunk(kind: bytes, payload: bytes) -> bytes:
     """One PNG chunk: length, type, payload, CRC."""
     crc = zlib.crc32(kind + payload) & 0xFFFFFFFF

@@ -66,20 +66,20 @@ def test_a_pixel_bomb_is_refused_before_enqueueing_naming_the_limit(tmp_path, fa
 def test_the_worker_refuses_a_bomb_without_allocating_it() -> None:
     # In a fresh process, so its peak memory is its own: decoding the bomb would take 400 MB.
     script = f"""
-import resource, sys
+import sys
 sys.path.insert(0, {str(ROOT)!r})
 from producer.errors import InvalidImageError
 from producer.registry import Registry
-from tests.factories import bomb_png
+from tests.factories import bomb_png, peak_rss_kib
 from worker.preprocess import decode
 info = Registry({str(ROOT / "models")!r}).get("mnist-cnn")
 bomb = bomb_png(20_000, 20_000)
-before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+before = peak_rss_kib()
 try:
     decode(bomb, info, {MAX_BYTES}, {MAX_PIXELS})
 except InvalidImageError as exc:
     print(exc)
-print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before)
+print(peak_rss_kib() - before)
 """
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
                          timeout=120, check=True).stdout.splitlines()  # fmt: skip
@@ -170,3 +170,53 @@ def test_every_fuzz_seed_is_a_real_image() -> None:
         with Image.open(io.BytesIO(data)) as img:
             img.load()
         answers(data)
+
+
+@pytest.mark.parametrize(
+    ("mode", "bytes_per_pixel", "times"), [("L", 1, 1.25), ("RGB", 3, 1.5), ("RGBA", 4, 2.1)]
+)
+def test_decoding_the_largest_allowed_image_peaks_near_its_decoded_size(
+    tmp_path, mode: str, bytes_per_pixel: int, times: float
+) -> None:
+    """What docs/security.md states: decoding an image at the pixel limit peaks at about its
+    decoded size (RGBA: twice, Pillow resizes it premultiplied), not at several copies."""
+    width, height = 8000, MAX_PIXELS // 8000
+    ramp = np.add.outer(np.arange(height) // 20, np.arange(width) // 20).astype(np.uint8)
+    layers = [ramp, ramp[::-1], ramp[:, ::-1], np.full_like(ramp, 200)][:bytes_per_pixel]
+    pixels = layers[0] if mode == "L" else np.dstack(layers)
+    path = tmp_path / "largest.png"
+    Image.fromarray(pixels, mode).save(path, compress_level=1)
+    del pixels, layers, ramp
+    assert path.stat().st_size <= MAX_BYTES
+    script = f"""
+import sys
+sys.path.insert(0, {str(ROOT)!r})
+from producer.registry import Registry
+from tests.factories import peak_rss_kib
+from worker.preprocess import decode, limit_pillow
+info = Registry({str(ROOT / "models")!r}).get("mnist-cnn")
+limit_pillow({MAX_PIXELS})
+data = open({str(path)!r}, "rb").read()
+before = peak_rss_kib()
+decode(data, info, {MAX_BYTES}, {MAX_PIXELS})
+print(peak_rss_kib() - before)
+"""
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                         timeout=120, check=True).stdout.split()  # fmt: skip
+    grew_mb = int(out[-1]) / 1024
+    decoded_mb = bytes_per_pixel * MAX_PIXELS / 2**20
+    print(f"\n{mode} {width}x{height}: peak grew {grew_mb:.0f} MiB ({decoded_mb:.0f} MiB decoded)")
+    assert grew_mb < times * decoded_mb + 20
+
+
+def test_pillow_itself_refuses_what_is_over_our_limit(monkeypatch) -> None:
+    import warnings
+
+    from worker.preprocess import limit_pillow
+
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", Image.MAX_IMAGE_PIXELS)
+    with warnings.catch_warnings():
+        limit_pillow(100)
+        with pytest.raises((Image.DecompressionBombError, Image.DecompressionBombWarning)):
+            Image.open(io.BytesIO(encode(Image.new("L", (11, 10)))))
+        Image.open(io.BytesIO(encode(Image.new("L", (10, 10))))).load()  # at the limit: fine
