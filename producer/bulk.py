@@ -27,7 +27,7 @@ from tqdm import tqdm
 
 from producer.client import Client
 from producer.errors import BatcheryError, InvalidImageError
-from producer.images import IMAGE_EXTENSIONS, check_image_bytes
+from producer.images import IMAGE_EXTENSIONS, check_image_bytes, read_file
 from producer.wire import FAILURE, Job, new_job_id
 
 COLUMNS = ("path", "job_id", "status", "label", "score", "error")
@@ -287,14 +287,7 @@ def classify(
 
 def read_checked(path: str, limit: int, max_pixels: int) -> bytes:
     """A file's bytes, if it is a whole image within the limits (bytes checked before reading)."""
-    with open(path, "rb") as fh:
-        size = os.fstat(fh.fileno()).st_size
-        if size > limit:
-            raise InvalidImageError(
-                f"{path}: {size} bytes is over the limit of {limit} bytes "
-                "(BATCHERY_MAX_IMAGE_BYTES)"
-            )
-        data = fh.read()
+    data = read_file(path, limit)
     check_image_bytes(data, path, limit, max_pixels)
     return data
 

@@ -13,13 +13,14 @@ import hashlib
 import json
 import os
 import shutil
+import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from producer.errors import ModelNotFoundError
+from producer.errors import ModelLoadError, ModelNotFoundError
 from producer.wire import check_name
 
 META_FILE = "model.json"
@@ -140,11 +141,10 @@ class Registry:
         return replace(info, name=name, version=version)
 
     def promote(self, name: str, version: str) -> None:
-        """Make ``version`` the one served by default; atomic for readers."""
+        """Make ``version`` the one served by default; atomic for readers (a new file
+        renamed over the old one: a worker reads the old version or the new, never half)."""
         self.get(check_name("model", name) or name, check_name("version", version))
-        tmp = self.root / name / f".{PROMOTED_FILE}.tmp"
-        tmp.write_text(f"{version}\n")
-        os.replace(tmp, self.root / name / PROMOTED_FILE)
+        _write_atomically(self.root / name / PROMOTED_FILE, f"{version}\n".encode())
 
     def publish(
         self,
@@ -157,22 +157,55 @@ class Registry:
         offset: float = 0.0,
         extra: dict[str, Any] | None = None,
     ) -> ModelInfo:
-        """Copy a model file in as the next version of ``name``; the first version is promoted."""
+        """Copy a model file in as the next version of ``name``; the first version is promoted.
+
+        Atomic: the version is written in a hidden folder beside the others, then renamed to
+        its number, so a worker never sees half a version (and two publishers racing get two
+        versions, never one mixed from both).
+        """
         check_name("model", name)
-        versions = self.versions(name)
-        version = str(int(versions[-1]) + 1) if versions else "1"
-        path = self.root / name / version
-        path.mkdir(parents=True, exist_ok=False)
-        target = path / Path(source).name
-        if Path(source).is_dir():
-            shutil.copytree(source, target)
-        else:
-            shutil.copy2(source, target)
-        meta: dict[str, Any] = {
+        folder = self.root / name
+        folder.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=".publishing-", dir=folder))
+        try:
+            target = staging / Path(source).name
+            if Path(source).is_dir():
+                shutil.copytree(source, target)
+            else:
+                shutil.copy2(source, target)
+            digest = sha256_of(target)
+            staging.chmod(0o755)
+            while True:
+                versions = self.versions(name)
+                version = str(int(versions[-1]) + 1) if versions else "1"
+                meta = self._meta(name, version, target.name, digest, labels, input_shape,
+                                  color_mode, scale, offset, extra)  # fmt: skip
+                (staging / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
+                try:
+                    os.rename(staging, folder / version)  # fails if the number was taken
+                    break
+                except OSError:
+                    if not (folder / version).exists():
+                        raise
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+        path = folder / version
+        if not versions:
+            self.promote(name, version)
+        return ModelInfo(name=name, version=version, path=path, meta=meta)
+
+    @staticmethod
+    def _meta(
+        name: str, version: str, file: str, digest: str, labels: Sequence[str],
+        input_shape: Sequence[int], color_mode: str, scale: float, offset: float,
+        extra: dict[str, Any] | None,
+    ) -> dict[str, Any]:  # fmt: skip
+        return {
             "name": name,
             "version": version,
-            "file": target.name,
-            "sha256": sha256_of(target),
+            "file": file,
+            "sha256": digest,
             "labels": [str(label) for label in labels],
             "input_shape": [int(n) for n in input_shape],
             "color_mode": color_mode,
@@ -180,10 +213,6 @@ class Registry:
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             **(extra or {}),
         }
-        (path / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
-        if not versions:
-            self.promote(name, version)
-        return ModelInfo(name=name, version=version, path=path, meta=meta)
 
     def _unknown_model(self, name: str) -> str:
         have = ", ".join(self.names()) or "none"
@@ -191,13 +220,44 @@ class Registry:
 
 
 def sha256_of(path: Path) -> str:
-    """The sha256 of a file, or of a directory's files in sorted order."""
+    """The sha256 of a file's bytes, or of a folder's files framed one by one.
+
+    A folder's digest takes, for each regular file in sorted order, its relative path and
+    its length before its bytes: two different folders can't hash alike (a file ``a``
+    holding ``bX`` and a file ``ab`` holding ``X`` do not). A symlink in a folder is refused:
+    it could point anywhere after the hash.
+    """
+    path = Path(path)
     digest = hashlib.sha256()
-    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
-    for file in files:
-        if path.is_dir():
-            digest.update(str(file.relative_to(path)).encode())
-        with file.open("rb") as fh:
-            for block in iter(lambda: fh.read(1 << 20), b""):
-                digest.update(block)
+    if not path.is_dir():
+        _hash_file(digest, path)
+        return digest.hexdigest()
+    for file in sorted(path.rglob("*")):
+        if file.is_symlink():
+            raise ModelLoadError(f"{file}: a symlink inside a model folder is not allowed")
+        if not file.is_file():
+            continue
+        rel = file.relative_to(path).as_posix().encode()
+        digest.update(len(rel).to_bytes(8, "big") + rel)
+        digest.update(file.stat().st_size.to_bytes(8, "big"))
+        _hash_file(digest, file)
     return digest.hexdigest()
+
+
+def _hash_file(digest: Any, file: Path) -> None:
+    with file.open("rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+
+
+def _write_atomically(path: Path, data: bytes) -> None:
+    """Write ``data`` to a new file beside ``path``, then rename it over ``path``."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import os
+import re
 import ssl
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
 
 from producer.errors import ConfigError
 from producer.wire import MAX_JOBS_PER_MESSAGE, base64_limit
@@ -196,13 +196,36 @@ class Settings:
         )
 
 
+#: A query parameter that carries a secret (``?password=``, ``sentinel_password=``, ...).
+_SECRET_QUERY = re.compile(r"([?&;][A-Za-z_]*(?:password|passwd|pass|secret|token)=)[^&;#]*", re.I)
+#: ``scheme://userinfo@host[:port][/path][?query]``: the userinfo is everything up to the
+#: last ``@`` that a host follows, so a password holding ``/``, ``#`` or ``@`` is still in it.
+_USERINFO = re.compile(
+    r"(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*://)(?P<userinfo>.*)@"
+    r"(?P<host>(?:\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9._-]*)(?::\d+)?(?:[/?#].*)?)",
+    re.S,
+)
+
+
+#: Where a Sentinel URL's next part starts: a ``;`` followed by a scheme.
+_NEXT_URL = re.compile(r";(?=[A-Za-z][A-Za-z0-9+.-]*://)")
+
+
 def redact_url(url: str) -> str:
-    """The URL with any password replaced by ``***``, fit for logs and error messages."""
-    parts = urlsplit(url)
-    if parts.password is None:
+    """The URL with every password replaced by ``***``, fit for logs and error messages.
+
+    Hides the userinfo's password (``:pw@``, ``user:pw@``, even one holding ``/``, ``#`` or
+    ``@``) and secret query parameters (``?password=``), in each of a Sentinel URL's
+    ``;``-separated parts. A user name is kept: it is not a secret.
+    """
+    return ";".join(_redact_one(part) for part in _NEXT_URL.split(url))
+
+
+def _redact_one(url: str) -> str:
+    url = _SECRET_QUERY.sub(r"\1***", url)
+    match = _USERINFO.fullmatch(url)
+    if match is None:
         return url
-    user = parts.username or ""
-    host = parts.hostname or ""
-    if parts.port:
-        host = f"{host}:{parts.port}"
-    return urlunsplit(parts._replace(netloc=f"{user}:***@{host}"))
+    user, colon, _ = match["userinfo"].partition(":")
+    userinfo = f"{user}:***" if colon else match["userinfo"]
+    return f"{match['scheme']}{userinfo}@{match['host']}"

@@ -27,7 +27,7 @@ from producer.errors import BatcheryError, ConfigError
 from producer.registry import ModelInfo, Registry
 from producer.settings import Settings, redact_url
 from producer.wire import TASK_CLASSIFY, UNACKED_KEY, deaths_key, heartbeat_key, result_key
-from worker import logs, metrics
+from worker import logs, metrics, preprocess
 from worker.batching import BATCH_DONE, DynamicBatches
 from worker.compat import check_libraries
 from worker.models import ModelCache
@@ -55,6 +55,7 @@ def runner(settings: Settings) -> BatchRunner:
     """This process's batch runner, created on first use."""
     global _runner
     if _runner is None:
+        preprocess.limit_pillow(settings.max_image_pixels)
         threads = max(1, (os.cpu_count() or 1) // max(1, settings.concurrency))
         pinned = ModelInfo.from_dir(settings.model_path) if settings.model_path else None
         recorded = metrics.for_settings(settings)

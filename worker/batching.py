@@ -233,7 +233,7 @@ class DynamicBatches(Batches):
             timeout=self.time_limit,
         )
         for request in requests:
-            self._event("task-started", request.id, pid=0)
+            self._event("task-started", request.id)
         return result
 
     def _pause(self, requests: list[Any]) -> float:

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
+import tempfile
 import threading
 import time
 from collections import OrderedDict
@@ -49,11 +51,16 @@ class LoadedModel:
     """A model ready to serve: checked, loaded, compiled and warmed up."""
 
     def __init__(
-        self, info: ModelInfo, forward: Callable[[np.ndarray], np.ndarray], batch_size: int
+        self,
+        info: ModelInfo,
+        forward: Callable[[np.ndarray], np.ndarray],
+        batch_size: int,
+        keep: Any = None,
     ) -> None:
         self.info = info
         self._forward = forward
         self.batch_size = batch_size
+        self._keep = keep  # the private copy it was loaded from, removed with the model
 
     def predict(
         self, inputs: np.ndarray, observe: Callable[[int, float], None] | None = None
@@ -81,14 +88,19 @@ class LoadedModel:
 
 
 def read_model(path: Path, fmt: str, trusted: bool) -> Any:
-    """Deserialize a Keras model: ``.keras`` in safe mode unless trusted; ``.h5`` only if trusted.
-
-    A SavedModel is a graph, not Python: it is wrapped in a ``TFSMLayer``.
+    """Deserialize a model: ``.keras`` in safe mode unless trusted; ``.h5`` and SavedModel
+    folders only if trusted (Keras can't check them for code: a SavedModel's graph can hold
+    ops that read and write files). A SavedModel is wrapped in a ``TFSMLayer``.
     """
     tf = tensorflow()
     if fmt == "h5" and not trusted:
         raise ModelLoadError(
             f"{path.name} is a legacy .h5 file: Keras safe_mode cannot check it for code; "
+            "publish it with --trust only if you trust its source"
+        )
+    if fmt == "savedmodel" and not trusted:
+        raise ModelLoadError(
+            f"{path.name} is a SavedModel folder: Keras safe_mode cannot check its graph; "
             "publish it with --trust only if you trust its source"
         )
     try:
@@ -120,21 +132,35 @@ class _SavedModelAdapter:
 def load(info: ModelInfo, batch_size: int, threads: int | None = None) -> LoadedModel:
     """Verify, load, compile and warm up one model version.
 
-    The file's sha256 must match its model.json, and Keras loads it with ``safe_mode=True``
-    unless it was published with ``--trust``.
+    The model is copied to a private folder first, and that copy is hashed and loaded: what
+    is loaded is exactly what was checked, whatever happens to the registry meanwhile. Its
+    sha256 must match model.json, and Keras loads it with ``safe_mode=True`` unless it was
+    published with ``--trust``.
     """
     if not info.file.exists():
         raise ModelLoadError(f"{info.key}: model file {info.file} is missing")
-    digest = sha256_of(info.file)
+    private = tempfile.TemporaryDirectory(prefix="batchery-model-")  # mode 0700
+    copy = Path(private.name) / info.file.name
+    try:
+        if info.file.is_dir():
+            shutil.copytree(info.file, copy, symlinks=True)
+        else:
+            shutil.copyfile(info.file, copy)
+    except OSError as exc:
+        private.cleanup()
+        raise ModelLoadError(f"{info.key}: cannot read {info.file}: {exc}") from exc
+    digest = sha256_of(copy)
     if digest != info.meta.get("sha256"):
+        private.cleanup()
         raise ModelLoadError(
             f"{info.key}: sha256 of {info.file.name} is {digest}, model.json says "
             f"{info.meta.get('sha256')}: refusing to load a file that changed after publishing"
         )
     tf = tensorflow(threads)
     try:
-        model = read_model(info.file, info.format, info.trusted)
+        model = read_model(copy, info.format, info.trusted)
     except ModelLoadError as exc:
+        private.cleanup()
         raise ModelLoadError(f"{info.key}: {exc}") from exc
 
     spec = tf.TensorSpec([None, *info.input_shape], tf.float32)
@@ -146,7 +172,12 @@ def load(info: ModelInfo, batch_size: int, threads: int | None = None) -> Loaded
     # The traced graph itself: calling it skips tf.function's per-call dispatch (a third of
     # the time of a one-image call).
     graph = forward.get_concrete_function()
-    loaded = LoadedModel(info, lambda x: graph(tf.constant(x, tf.float32)).numpy(), batch_size)
+    forward_fn = lambda x: graph(tf.constant(x, tf.float32)).numpy()  # noqa: E731
+    # A SavedModel may read its folder after loading (assets): its copy lives as long as it.
+    keep = private if info.file.is_dir() else None
+    if keep is None:
+        private.cleanup()
+    loaded = LoadedModel(info, forward_fn, batch_size, keep=keep)
     # Warm up: trace the graph and touch the weights before the first real job waits on it.
     for n in sorted({1, batch_size}):
         loaded.predict(np.zeros((n, *info.input_shape), np.float32))

@@ -11,6 +11,7 @@ operation for all of a forward pass's inputs).
 from __future__ import annotations
 
 import io
+import warnings
 
 import numpy as np
 from PIL import Image
@@ -19,11 +20,21 @@ from producer.errors import InvalidImageError
 from producer.images import ALLOWED_FORMATS, check_image_bytes
 from producer.registry import ModelInfo
 
-# Pillow's own bomb check only warns below 2x its limit; ours (max_pixels) is checked on the
-# header before any pixel is decoded, so Pillow's is switched off rather than half on.
-Image.MAX_IMAGE_PIXELS = None
-
 _FORMATS = sorted(ALLOWED_FORMATS)
+
+#: Modes Pillow resizes with any filter; others are converted (to RGB or RGBA) first.
+_RESIZABLE = frozenset({"L", "LA", "RGB", "RGBA", "I", "F"})
+
+
+def limit_pillow(max_pixels: int) -> None:
+    """Make Pillow itself refuse images over ``max_pixels``, on every path that opens one.
+
+    Pillow raises its bomb error only past twice its limit and warns below that: its limit is
+    set to ours and the warning made an error, so both refuse at exactly ``max_pixels``.
+    Called once per worker process (the limit is Pillow's, process-wide).
+    """
+    Image.MAX_IMAGE_PIXELS = max_pixels
+    warnings.simplefilter("error", Image.DecompressionBombWarning)
 
 
 def decode(data: bytes, info: ModelInfo, max_bytes: int, max_pixels: int) -> np.ndarray:
@@ -32,7 +43,9 @@ def decode(data: bytes, info: ModelInfo, max_bytes: int, max_pixels: int) -> np.
     Size, format, pixel count and completeness are checked from the file's structure before
     any pixel is decoded (the producer's own check, run again), then Pillow checks the pixel
     count once more on its own reading of the header: a hostile input costs at most
-    ``max_bytes`` in and ``max_pixels`` decoded.
+    ``max_bytes`` in and ``max_pixels`` decoded. The image is brought to the model's size in
+    its own mode before any conversion, so decoding peaks near its decoded size (up to 4
+    bytes a pixel, for RGBA) instead of several copies of it.
     """
     check_image_bytes(data, "image", max_bytes, max_pixels)
     height, width, _ = info.input_shape
@@ -48,14 +61,19 @@ def decode(data: bytes, info: ModelInfo, max_bytes: int, max_pixels: int) -> np.
                 # For JPEG, let the decoder itself scale down: much less work for big photos.
                 img.draft(info.color_mode, (width, height))
             img.load()
-            converted = _to_mode(img, info.color_mode)
-            if converted.size != (width, height):
-                converted = converted.resize(
-                    (width, height), Image.Resampling.BILINEAR, reducing_gap=3.0
-                )
+            small: Image.Image = img
+            if img.size != (width, height):
+                if img.mode not in _RESIZABLE:
+                    small = small.convert("RGBA" if _transparent(img) else "RGB")
+                # RGBA and LA are resized premultiplied: composing over black afterwards
+                # gives what composing first would, on 784 pixels instead of millions.
+                small = small.resize((width, height), Image.Resampling.BILINEAR, reducing_gap=3.0)
+            converted = _to_mode(small, info.color_mode)
             array = np.frombuffer(converted.tobytes(), np.uint8)
     except InvalidImageError:
         raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise InvalidImageError(f"image refused by Pillow's pixel limit: {exc}") from exc
     except Image.UnidentifiedImageError as exc:
         raise InvalidImageError(
             f"cannot decode image: not one of {', '.join(sorted(ALLOWED_FORMATS))}"
@@ -74,8 +92,12 @@ def _to_mode(img: Image.Image, mode: str) -> Image.Image:
     """Convert to ``mode``; transparent pixels become black, the MNIST background."""
     if img.mode == mode:
         return img
-    if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
+    if _transparent(img):
         rgba = img.convert("RGBA")
         background = Image.new("RGBA", rgba.size, (0, 0, 0, 255))
         img = Image.alpha_composite(background, rgba)
     return img.convert(mode)
+
+
+def _transparent(img: Image.Image) -> bool:
+    return img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info)

@@ -70,3 +70,30 @@ def test_resume_repairs_a_cut_last_line_and_remembers_paths(tmp_path: Path, suff
 def test_output_must_be_jsonl_or_csv(tmp_path: Path) -> None:
     with pytest.raises(BatcheryError, match=r"\.jsonl or \.csv"):
         RowWriter(tmp_path / "out.txt", resume=False)
+
+
+def test_a_classify_run_refuses_odd_files_one_row_each_and_carries_on(tmp_path: Path) -> None:
+    import os
+
+    import fakeredis
+
+    from producer.bulk import classify
+    from producer.client import Client
+    from producer.settings import Settings
+
+    folder = tmp_path / "in"
+    folder.mkdir()
+    (folder / "a-gif.png").write_bytes(b"GIF89a" + (20000).to_bytes(2, "little") * 2 + b"\0;")
+    (folder / "b-tiff.png").write_bytes(b"II*\x00" + b"\x00" * 64)
+    (folder / "c-zero.png").symlink_to("/dev/zero")
+    os.mkfifo(folder / "d-fifo.png")
+    out = tmp_path / "out.jsonl"
+    client = Client(settings=Settings(), redis_client=fakeredis.FakeRedis())
+    summary = classify(client, [str(folder)], out, progress=None)
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [Path(r["path"]).name for r in rows] == ["a-gif.png", "b-tiff.png", "c-zero.png",
+                                                    "d-fifo.png"]  # fmt: skip
+    assert all(r["status"] == "FAILURE" for r in rows) and summary.total == 4
+    assert "format GIF is not accepted" in rows[0]["error"]
+    assert "format TIFF is not accepted" in rows[1]["error"]
+    assert "not a regular file" in rows[2]["error"] and "not a regular file" in rows[3]["error"]

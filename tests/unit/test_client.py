@@ -1,4 +1,6 @@
 import json
+import os
+import struct
 import threading
 import time
 
@@ -180,3 +182,28 @@ def test_a_full_queue_accepts_again_once_it_drains(fake_redis) -> None:
     threading.Timer(0.3, lambda: fake_redis.rpop("batchery")).start()
     client.submit(digit_paths(2)[1])  # waits for the worker to take the first one
     assert fake_redis.llen("batchery") == 1
+
+
+def gif_claiming(width: int, height: int) -> bytes:
+    """A GIF header claiming ``width`` x ``height``: Pillow's bomb check raises on opening it."""
+    return b"GIF89a" + struct.pack("<HH", width, height) + b"\x00\x00\x00" + b"\x3b"
+
+
+@pytest.mark.parametrize(
+    ("data", "named"),
+    [(gif_claiming(20000, 20000), "GIF"), (b"II*\x00" + b"\x00" * 64, "TIFF"),
+     (b"MM\x00*" + b"\x00" * 64, "TIFF"), (b"\x00\x00\x00\x1cftypheic" + b"\x00" * 32, "HEIF")],
+)  # fmt: skip
+def test_formats_outside_the_allow_list_are_named_never_opened(client, data, named) -> None:
+    with pytest.raises(InvalidImageError, match=f"format {named}.* is not accepted"):
+        client.submit(data)
+
+
+def test_devices_and_fifos_are_refused_never_read(client, tmp_path) -> None:
+    device = tmp_path / "zero.png"
+    device.symlink_to("/dev/zero")
+    fifo = tmp_path / "fifo.png"
+    os.mkfifo(fifo)  # no writer: opening it for reading would block forever
+    for path in (device, fifo):
+        with pytest.raises(InvalidImageError, match="not a regular file"):
+            client.submit(path)

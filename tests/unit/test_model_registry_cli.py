@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import fakeredis
 import numpy as np
@@ -13,7 +15,7 @@ from PIL import Image
 from producer.cli import main
 from producer.client import Client
 from producer.errors import ModelLoadError, ModelNotFoundError
-from producer.registry import Registry
+from producer.registry import Registry, sha256_of
 from producer.settings import Settings
 from tests.factories import digit_paths
 from worker.models import ModelCache, load, tensorflow
@@ -154,15 +156,21 @@ def test_a_savedmodel_folder_publishes_and_serves(registry, capsys, tmp_path) ->
     tf = tensorflow()
     keras_model = tf.keras.models.load_model(SHIPPED)
     keras_model.export(tmp_path / "exported", verbose=False)
-    code, _, err = cli(
-        capsys, "models", "publish", str(tmp_path / "exported"), "--name", "sm", "--labels",
-        "0,1,2,3,4,5,6,7,8,9",
-    )  # fmt: skip
+    args = ("models", "publish", str(tmp_path / "exported"), "--name", "sm", "--labels",
+            "0,1,2,3,4,5,6,7,8,9")  # fmt: skip
+    # A SavedModel's graph can't be checked for code: like .h5, it needs --trust.
+    code, _, err = cli(capsys, *args)
+    assert code == 1 and "SavedModel" in err and "--trust" in err
+    code, _, err = cli(capsys, *args, "--trust")
     assert code == 0, err
     info = registry.get("sm")
     assert info.format == "savedmodel" and info.input_shape == (28, 28, 1)
     x = np.random.default_rng(0).random((5, 28, 28, 1), np.float32)
     np.testing.assert_allclose(load(info, 8).predict(x), keras_model(x).numpy(), atol=1e-5)
+    # A manifest edited to drop the trust flag is refused at load.
+    untrusted = replace(info, meta={**info.meta, "trusted": False})
+    with pytest.raises(ModelLoadError, match="SavedModel"):
+        load(untrusted, 8)
 
 
 def test_a_tampered_model_file_is_refused(tmp_path) -> None:
@@ -233,3 +241,68 @@ def test_shipped_model_is_exactly_the_reference_architecture_plus_dropout() -> N
     conv, dense, out = model.layers[0], model.layers[4], model.layers[6]
     assert (conv.filters, conv.kernel_size) == (32, (3, 3))
     assert (dense.units, out.units) == (64, 10)
+
+
+def test_a_file_swapped_after_the_check_is_never_loaded(tmp_path, monkeypatch) -> None:
+    """The worker hashes and loads one private copy: swapping the registry's file between
+    the check and the load changes nothing."""
+    import shutil as real_shutil
+
+    from worker import models as models_module
+
+    reg = Registry(tmp_path / "models")
+    info = reg.publish(SHIPPED, "m", [str(d) for d in range(10)], (28, 28, 1))
+    loaded_from: list[Path] = []
+    copyfile, read_model = real_shutil.copyfile, models_module.read_model
+
+    def copy_then_swap(src: Any, dst: Any) -> Any:
+        out = copyfile(src, dst)
+        Path(src).write_bytes(b"swapped after the copy was taken")
+        return out
+
+    def recording_read_model(path: Path, *args: Any) -> Any:
+        loaded_from.append(path)
+        assert (path.parent.stat().st_mode & 0o077) == 0  # a private folder
+        return read_model(path, *args)
+
+    monkeypatch.setattr(models_module.shutil, "copyfile", copy_then_swap)
+    monkeypatch.setattr(models_module, "read_model", recording_read_model)
+    model = load(info, 8)
+    assert loaded_from and loaded_from[0] != info.file
+    assert model.predict(np.zeros((1, 28, 28, 1), np.float32)).shape == (1, 10)
+    monkeypatch.undo()
+    with pytest.raises(ModelLoadError, match="sha256"):
+        load(info, 8)  # the swapped file itself is refused
+
+
+def test_folder_hashes_frame_each_file(tmp_path) -> None:
+    one, two = tmp_path / "one", tmp_path / "two"
+    one.mkdir()
+    two.mkdir()
+    (one / "a").write_bytes(b"bX")
+    (two / "ab").write_bytes(b"X")
+    assert sha256_of(one) != sha256_of(two)
+    (one / "link").symlink_to("/etc/passwd")
+    with pytest.raises(ModelLoadError, match="symlink"):
+        sha256_of(one)
+
+
+def test_publishing_is_atomic_and_racing_publishers_get_versions_of_their_own(tmp_path) -> None:
+    import threading
+
+    reg = Registry(tmp_path / "models")
+    labels = [str(d) for d in range(10)]
+    threads = [
+        threading.Thread(target=reg.publish, args=(SHIPPED, "m", labels, (28, 28, 1)))
+        for _ in range(6)
+    ]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert reg.versions("m") == ["1", "2", "3", "4", "5", "6"]
+    for version in reg.versions("m"):
+        info = reg.get("m", version)
+        assert info.meta["version"] == version and sha256_of(info.file) == info.meta["sha256"]
+    assert reg.promoted("m") == "1"
+    assert not [p for p in (reg.root / "m").iterdir() if p.name.startswith(".")]

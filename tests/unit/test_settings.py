@@ -49,6 +49,35 @@ def test_settings_are_frozen() -> None:
         Settings().batch_size = 3  # type: ignore[misc]
 
 
+@pytest.mark.parametrize(
+    ("url", "shown"),
+    [
+        ("redis://localhost:6379/0", "redis://localhost:6379/0"),
+        ("redis://user@h/0", "redis://user@h/0"),
+        ("redis://:s3cret@h:6379/0", "redis://:***@h:6379/0"),
+        ("redis://batchery:s3cret@h/0", "redis://batchery:***@h/0"),
+        ("redis://:pa/ss@h:6379/0", "redis://:***@h:6379/0"),
+        ("redis://:pa#ss@h:6379/0", "redis://:***@h:6379/0"),
+        ("redis://:p@ss@h:6379/0", "redis://:***@h:6379/0"),
+        ("redis://:a@b/c@h:6379/0", "redis://:***@h:6379/0"),
+        ("redis://:pa;ss@h/0", "redis://:***@h/0"),
+        ("redis://u:p:w@h/0", "redis://u:***@h/0"),
+        ("redis://h:6379/0?password=s3cret", "redis://h:6379/0?password=***"),
+        ("redis://h/0?password=a@b&db=1", "redis://h/0?password=***&db=1"),
+        ("redis://h/0?db=1&PASSWORD=x", "redis://h/0?db=1&PASSWORD=***"),
+        ("rediss://u:pw@h:6380/0?ssl_cert_reqs=required",
+         "rediss://u:***@h:6380/0?ssl_cert_reqs=required"),
+        ("redis://:pw@[::1]:6379/0", "redis://:***@[::1]:6379/0"),
+        ("unix:///tmp/r.sock?password=x", "unix:///tmp/r.sock?password=***"),
+        ("sentinel://:pw@h1:26379;sentinel://:pw@h2:26379/0",
+         "sentinel://:***@h1:26379;sentinel://:***@h2:26379/0"),
+        ("sentinel://h1:26379/0?sentinel_password=x", "sentinel://h1:26379/0?sentinel_password=***"),
+    ],
+)  # fmt: skip
+def test_redact_url_hides_every_password_form(url: str, shown: str) -> None:
+    assert redact_url(url) == shown
+
+
 def test_redact_url_hides_password_only() -> None:
     assert redact_url("redis://user:pw@host:6379/0") == "redis://user:***@host:6379/0"
     assert redact_url("rediss://:pw@host/1") == "rediss://:***@host/1"
