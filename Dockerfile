@@ -9,23 +9,25 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
 RUN useradd --create-home --uid 10001 batchery
 WORKDIR /app
 
-# Dependencies first, so code changes don't reinstall TensorFlow. TENSORFLOW replaces the
-# CPU build (docker-compose.gpu.yml sets it to the CUDA build).
+# Dependencies first, so code changes don't reinstall TensorFlow: exactly the versions and
+# hashes of the lock (the worker and signing extras; `make lock` refreshes it). TENSORFLOW
+# replaces the CPU build (docker-compose.gpu.yml sets it to the CUDA build, unlocked).
 ARG TENSORFLOW=""
-COPY pyproject.toml README.md ./
-COPY producer/__init__.py producer/__init__.py
-COPY worker/__init__.py worker/__init__.py
-RUN pip install ".[worker,signing]" && pip uninstall -y batchery \
+COPY requirements/worker.txt requirements/worker.txt
+RUN pip install --require-hashes -r requirements/worker.txt \
     && if [ -n "$TENSORFLOW" ]; then \
          pip uninstall -y tensorflow-cpu && pip install "$TENSORFLOW"; \
        fi
 
+COPY pyproject.toml README.md ./
 COPY producer producer
 COPY worker worker
+COPY bench bench
 COPY models models
 COPY examples examples
-# Editable, so the package finds /app/models and /app/examples beside it.
-RUN pip install --no-deps -e ".[worker,signing]"
+# Editable, so the package finds /app/models and /app/examples beside it; its dependencies
+# are the lock's, installed above.
+RUN pip install --no-deps -e .
 
 USER batchery
 # The model registry is baked in at /app/models; mount a volume there to manage it live.

@@ -4,19 +4,32 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 PIP_QUIET := --quiet --disable-pip-version-check
 
-.PHONY: demo test lint model examples soak clean
+.PHONY: demo test lint lock model examples soak clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 
-# Stamps keep re-runs fast; they are redone when pyproject.toml changes.
-$(VENV)/.worker: pyproject.toml | $(BIN)/python
-	$(BIN)/pip install $(PIP_QUIET) -e '.[worker]'
+# Installs come from the lock files in requirements/ (every package pinned, with its hashes),
+# then Batchery itself on top without its dependencies. Stamps keep re-runs fast; they are
+# redone when a lock file changes.
+$(VENV)/.worker: requirements/worker.txt | $(BIN)/python
+	$(BIN)/pip install $(PIP_QUIET) --require-hashes -r requirements/worker.txt
+	$(BIN)/pip install $(PIP_QUIET) --no-deps -e .
 	touch $@
 
-$(VENV)/.dev: pyproject.toml | $(BIN)/python
-	$(BIN)/pip install $(PIP_QUIET) -e '.[dev]'
+$(VENV)/.dev: requirements/dev.txt | $(BIN)/python
+	$(BIN)/pip install $(PIP_QUIET) --require-hashes -r requirements/dev.txt
+	$(BIN)/pip install $(PIP_QUIET) --no-deps -e .
 	touch $@ $(VENV)/.worker
+
+# The locks: Linux x86-64, Python 3.11 (this project's machines and its image).
+UV_COMPILE := $(BIN)/uv pip compile pyproject.toml --generate-hashes --python-version 3.11 \
+	--python-platform x86_64-unknown-linux-gnu --quiet
+
+## lock: refresh requirements/*.txt from pyproject.toml (newest versions it allows)
+lock: $(VENV)/.dev
+	$(UV_COMPILE) --upgrade --extra worker --extra signing -o requirements/worker.txt
+	$(UV_COMPILE) --upgrade --extra dev -o requirements/dev.txt
 
 ## demo: classify examples/digits through Redis and a real worker; prints the accuracy
 demo: $(VENV)/.worker

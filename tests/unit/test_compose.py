@@ -22,27 +22,85 @@ def test_worker_can_scale() -> None:
         assert ":" not in str(port), f"fixed host port {port} blocks --scale"
 
 
-REDIS_URL = re.compile(r"^redis://:\$\{REDIS_PASSWORD(:\?[^}]*)?\}@redis:6379/0$")
+REDIS_URL = re.compile(r"^redis://batchery:\$\{REDIS_PASSWORD(:\?[^}]*)?\}@redis:6379/0$")
 
 
-def test_services_share_one_redis_url_with_the_password() -> None:
+def test_services_share_one_redis_url_as_the_restricted_user() -> None:
     services = compose()["services"]
     assert {"redis", "worker", "demo", "flower"} <= set(services)
     for name in ("worker", "demo"):
         env = services[name]["environment"]
         assert REDIS_URL.match(env["BATCHERY_REDIS_URL"]), name
         assert "redis" in services[name]["depends_on"]
-    broker = [a for a in services["flower"]["command"] if a.startswith("--broker=")]
-    assert broker and REDIS_URL.match(broker[0].removeprefix("--broker="))
+    assert REDIS_URL.match(services["flower"]["environment"]["CELERY_BROKER_URL"])
 
 
-def test_redis_is_durable_refuses_to_evict_and_wants_a_password() -> None:
+def test_no_secret_is_on_a_command_line() -> None:
+    """`ps` inside a container shows its command: secrets travel in the environment."""
+    for name, service in compose()["services"].items():
+        command = " ".join(service.get("command", []) if name != "redis" else [])
+        assert "PASSWORD" not in command and "AUTH" not in command, name
+    flower = compose()["services"]["flower"]
+    assert "FLOWER_PASSWORD" in flower["environment"]["FLOWER_BASIC_AUTH"]
+
+
+def test_redis_is_durable_refuses_to_evict_and_runs_the_restricted_user() -> None:
     redis = compose()["services"]["redis"]
     command = " ".join(redis["command"])
     assert "--appendonly yes" in command and "--appendfsync everysec" in command
     assert "--maxmemory-policy noeviction" in command
-    assert re.search(r"--requirepass \$\{REDIS_PASSWORD:\?", command)
+    # The ACL the security docs recommend (and tests/integration/test_locked_down.py runs).
+    assert "--user default off" in command
+    assert re.search(
+        r"--user batchery on >\$\{REDIS_PASSWORD:\?[^}]*\} ~\* &\* \+@all -@dangerous", command
+    )
+    assert "requirepass" not in command
     assert redis["environment"]["REDISCLI_AUTH"] == "${REDIS_PASSWORD}"  # its healthcheck
+    assert redis["healthcheck"]["test"] == ["CMD", "redis-cli", "--user", "batchery", "ping"]
+
+
+def test_dashboards_publish_on_localhost_unless_told_otherwise() -> None:
+    services = compose()["services"]
+    for name in ("flower", "prometheus", "grafana"):
+        [port] = services[name]["ports"]
+        assert port.startswith("${BIND_ADDRESS:-127.0.0.1}:"), name
+    assert "ports" not in services["redis"] and "ports" not in services["worker"]
+
+
+def test_nothing_starts_before_the_secrets_are_checked() -> None:
+    services = compose()["services"]
+    check = services["secrets"]
+    assert check["entrypoint"] == ["sh", "/check-secrets.sh"]
+    assert "./deploy/check-secrets.sh:/check-secrets.sh:ro" in check["volumes"]
+    for name in ("redis", "grafana"):
+        assert services[name]["depends_on"]["secrets"] == {
+            "condition": "service_completed_successfully"
+        }, name
+
+
+def run_check(**env: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(["sh", str(ROOT / "deploy" / "check-secrets.sh")], env=env,
+                          capture_output=True, text=True)  # fmt: skip
+
+
+def test_the_secrets_check_refuses_the_examples_and_short_ones() -> None:
+    example = dict(
+        line.split("=", 1) for line in (ROOT / ".env.example").read_text().splitlines()
+        if line and not line.startswith("#")
+    )  # fmt: skip
+    refused = run_check(**example)
+    assert refused.returncode == 1
+    assert refused.stderr.count("example's placeholder") == 3
+    assert "openssl rand -hex 32" in refused.stderr
+    strong = "0123456789abcdef0123456789abcdef"
+    short = run_check(REDIS_PASSWORD="tooshort", FLOWER_PASSWORD=strong,
+                      GRAFANA_ADMIN_PASSWORD=strong)  # fmt: skip
+    assert short.returncode == 1 and "REDIS_PASSWORD is 8 characters" in short.stderr
+    unset = run_check(FLOWER_PASSWORD=strong, GRAFANA_ADMIN_PASSWORD=strong)
+    assert unset.returncode == 1 and "REDIS_PASSWORD is not set" in unset.stderr
+    good = run_check(REDIS_PASSWORD=strong, FLOWER_PASSWORD=strong + "x",
+                     GRAFANA_ADMIN_PASSWORD=strong + "y")  # fmt: skip
+    assert good.returncode == 0, good.stderr
 
 
 def test_every_required_variable_is_in_the_env_example() -> None:
@@ -122,13 +180,38 @@ def test_services_run_commands_the_cli_accepts() -> None:
             assert flag.split("=")[0] in proc.stdout, (name, flag)
 
 
-def test_image_installs_the_worker_and_runs_unprivileged() -> None:
+def test_image_installs_the_worker_from_the_lock_and_runs_unprivileged() -> None:
     dockerfile = (ROOT / "Dockerfile").read_text()
-    assert re.search(r"pip install .*\.\[worker[],]", dockerfile)
+    assert "pip install --require-hashes -r requirements/worker.txt" in dockerfile
+    assert "pip install --no-deps -e ." in dockerfile
     assert re.search(r"^USER\s+(?!root)\S+", dockerfile, re.M)
 
 
-def test_workers_share_the_model_registry() -> None:
-    worker = compose()["services"]["worker"]
-    assert "./models:/app/models" in worker["volumes"]
+def test_every_install_comes_from_a_hashed_lock() -> None:
+    """`make demo`, `make test` (and so CI) and the image install the lock's exact versions."""
+    makefile = (ROOT / "Makefile").read_text()
+    for lock, extras in (("worker", {"worker", "signing"}), ("dev", {"dev"})):
+        assert f"--require-hashes -r requirements/{lock}.txt" in makefile
+        text = (ROOT / "requirements" / f"{lock}.txt").read_text()
+        pins = re.findall(r"^([A-Za-z0-9_.-]+)==\S+ \\$", text, re.M)
+        hashes = re.findall(r"--hash=sha256:[0-9a-f]{64}", text)
+        assert pins and len(hashes) >= len(pins)
+        assert {"celery", "kombu", "celery-batches", "tensorflow-cpu"} <= set(pins)
+        assert "tensorflow" not in pins  # the CPU build only, on Linux x86-64
+        header = text.split("\n", 2)[1]  # the command that wrote it
+        assert all(f"--extra {extra}" in header for extra in extras), header
+    pyproject = (ROOT / "pyproject.toml").read_text()
+    dev = (ROOT / "requirements" / "dev.txt").read_text()
+    for pinned in re.findall(r'"([a-z0-9-]+)==([0-9.]+)"', pyproject):
+        assert f"{pinned[0]}=={pinned[1]}" in dev, pinned  # the lock follows pyproject.toml
+    assert "make lock" in (ROOT / "docs" / "operations.md").read_text()
+
+
+def test_workers_share_the_model_registry_read_only() -> None:
+    services = compose()["services"]
+    assert "./models:/app/models:ro" in services["worker"]["volumes"]
+    # Only the one-shot admin service may write it.
+    writable = [name for name, service in services.items()
+                if "./models:/app/models" in service.get("volumes", [])]  # fmt: skip
+    assert writable == ["models"] and services["models"]["profiles"] == ["admin"]
     assert "ENV BATCHERY_MODEL_DIR=/app/models" in (ROOT / "Dockerfile").read_text()
