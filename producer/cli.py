@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from producer.errors import BatcheryError
-from producer.registry import Registry
+from producer.registry import PROMOTED_FILE, Registry
 from producer.settings import Settings
 
 
@@ -93,7 +93,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--test-dir", type=Path, help="labeled folder to measure test accuracy on")
 
-    models = sub.add_parser("models", help="the model registry: list, publish, promote, evaluate")
+    models = sub.add_parser(
+        "models", help="the model registry: list, publish, promote, sign, evaluate"
+    )
     msub = models.add_subparsers(dest="models_command", required=True, metavar="ACTION")
     p = msub.add_parser("list", help="every version of every model")
     p.add_argument("--json", action="store_true", help="a JSON array, one object per version")
@@ -112,6 +114,11 @@ def _parser() -> argparse.ArgumentParser:
     p = msub.add_parser("promote", help="serve VERSION of NAME to jobs that name no version")
     p.add_argument("name", metavar="NAME")
     p.add_argument("version", metavar="VERSION")
+    p = msub.add_parser(
+        "sign", help="sign NAME's manifests with BATCHERY_SIGNING_KEY (you vouch for them)"
+    )
+    p.add_argument("name", metavar="NAME")
+    p.add_argument("version", nargs="?", metavar="VERSION", help="one version (default: all)")
     p = msub.add_parser("evaluate", help="accuracy and confusion matrix on DATA_DIR/<label>/*")
     p.add_argument("model", metavar="NAME[@VERSION]")
     p.add_argument("data_dir", type=Path, metavar="DATA_DIR")
@@ -226,7 +233,7 @@ def _train(args: argparse.Namespace, settings: Settings) -> int:
     info = train(
         args.data_dir,
         args.name,
-        Registry(settings.model_dir),
+        Registry.from_settings(settings),
         epochs=args.epochs,
         seed=args.seed,
         test_dir=args.test_dir,
@@ -247,8 +254,12 @@ def _train(args: argparse.Namespace, settings: Settings) -> int:
 def _models(args: argparse.Namespace, settings: Settings) -> int:
     from producer.registry import Registry
 
-    registry = Registry(settings.model_dir)
     action = args.models_command
+    # Signs what it writes (and checks what it reads) when message signing is set up;
+    # listing shows what is there, signed or not.
+    registry = (
+        Registry(settings.model_dir) if action == "list" else Registry.from_settings(settings)
+    )
     if action == "list":
         rows = model_rows(registry)
         if args.json:
@@ -265,6 +276,11 @@ def _models(args: argparse.Namespace, settings: Settings) -> int:
     if action == "promote":
         registry.promote(args.name, args.version)
         print(f"promoted {args.name}@{args.version}")
+        return 0
+    if action == "sign":
+        signer = Registry(settings.model_dir, key=registry.key)  # vouches: reads unchecked
+        signed = signer.sign(args.name, args.version)
+        print(f"signed {args.name} versions {', '.join(signed)} and its {PROMOTED_FILE}")
         return 0
     from worker.publish import evaluate, publish_model, read_labels
 

@@ -15,16 +15,34 @@ import os
 import shutil
 import tempfile
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from producer.errors import ModelLoadError, ModelNotFoundError
 from producer.wire import check_name
 
 META_FILE = "model.json"
+#: Beside ``model.json`` when the registry is signed: its signature (see producer.signing).
+SIGNATURE_FILE = "model.json.sig"
 PROMOTED_FILE = "PROMOTED"
+
+
+class ManifestSigner(Protocol):
+    """Signs manifest bytes in a context (``producer.signing.ManifestKey``)."""
+
+    def sign(self, context: str, data: bytes) -> str:
+        """A one-line signature."""
+        ...
+
+
+class ManifestChecker(Protocol):
+    """Checks manifest signatures (``producer.signing.ManifestVerifier``)."""
+
+    def verify(self, context: str, data: bytes, signature: str | None, what: str) -> None:
+        """Raise ModelLoadError unless the signature verifies."""
+        ...
 
 
 @dataclass(frozen=True)
@@ -68,7 +86,7 @@ class ModelInfo:
         return float(self.meta.get("normalization", {}).get("offset", 0.0))
 
     @classmethod
-    def from_dir(cls, path: Path) -> ModelInfo:
+    def from_dir(cls, path: Path, verifier: ManifestChecker | None = None) -> ModelInfo:
         """The model in a version folder outside any registry (``batchery worker --model``)."""
         path = Path(path)
         meta_file = path / META_FILE
@@ -76,8 +94,13 @@ class ModelInfo:
             raise ModelNotFoundError(
                 f"{path}: no {META_FILE} here (expected a model version folder)"
             )
-        meta = json.loads(meta_file.read_text())
-        return cls(name=str(meta["name"]), version=str(meta["version"]), path=path, meta=meta)
+        raw = meta_file.read_bytes()
+        meta = json.loads(raw)
+        name, version = str(meta["name"]), str(meta["version"])
+        if verifier is not None:
+            verifier.verify(_meta_context(name, version), raw, _signature_of(path),
+                            f"{path / META_FILE}")  # fmt: skip
+        return cls(name=name, version=version, path=path, meta=meta)
 
     @property
     def format(self) -> str:
@@ -96,10 +119,30 @@ class ModelInfo:
 
 
 class Registry:
-    """Read and write the model registry rooted at ``root``."""
+    """Read and write the model registry rooted at ``root``.
 
-    def __init__(self, root: Path) -> None:
+    With a ``key``, what it writes (``model.json``, ``PROMOTED``) is signed; with a
+    ``verifier``, it reads only manifests whose signature verifies (a worker's registry,
+    when message signing is set up). Build it from settings with :meth:`from_settings`.
+    """
+
+    def __init__(
+        self,
+        root: Path,
+        key: ManifestSigner | None = None,
+        verifier: ManifestChecker | None = None,
+    ) -> None:
         self.root = Path(root)
+        self.key = key
+        self.verifier = verifier
+
+    @classmethod
+    def from_settings(cls, settings: Any) -> Registry:
+        """``BATCHERY_MODEL_DIR``, signing and checking manifests when signing is set up."""
+        from producer.signing import ManifestKey, ManifestVerifier
+
+        return cls(settings.model_dir, ManifestKey.from_settings(settings),
+                   ManifestVerifier.from_settings(settings))  # fmt: skip
 
     def names(self) -> list[str]:
         """Model names that have at least one version."""
@@ -121,11 +164,17 @@ class Registry:
         if not versions:
             raise ModelNotFoundError(self._unknown_model(name))
         pointer = self.root / name / PROMOTED_FILE
-        if pointer.is_file():
-            version = pointer.read_text().strip()
-            if version in versions:
-                return version
-        return versions[-1]
+        if not pointer.is_file():
+            if self.verifier is not None:
+                raise ModelLoadError(f"{name}: no signed {PROMOTED_FILE} (batchery models promote)")
+            return versions[-1]
+        # The version on the first line; its signature, when signed, on the second.
+        version, _, signature = pointer.read_text().partition("\n")
+        version = version.strip()
+        if self.verifier is not None:
+            self.verifier.verify(_promoted_context(name), version.encode(),
+                                 signature.strip() or None, f"{name}/{PROMOTED_FILE}")  # fmt: skip
+        return version if version in versions else versions[-1]
 
     def get(self, name: str, version: str | None = None) -> ModelInfo:
         """The version asked for (the promoted one when ``version`` is None)."""
@@ -137,14 +186,38 @@ class Registry:
             raise ModelNotFoundError(
                 f"model {name!r} has no version {version!r} (versions: {have})"
             )
-        info = ModelInfo.from_dir(self.root / name / version)
-        return replace(info, name=name, version=version)
+        path = self.root / name / version
+        raw = (path / META_FILE).read_bytes()
+        if self.verifier is not None:
+            self.verifier.verify(_meta_context(name, version), raw, _signature_of(path),
+                                 f"{name}@{version} {META_FILE}")  # fmt: skip
+        return ModelInfo(name=name, version=version, path=path, meta=json.loads(raw))
 
     def promote(self, name: str, version: str) -> None:
         """Make ``version`` the one served by default; atomic for readers (a new file
         renamed over the old one: a worker reads the old version or the new, never half)."""
         self.get(check_name("model", name) or name, check_name("version", version))
-        _write_atomically(self.root / name / PROMOTED_FILE, f"{version}\n".encode())
+        content = f"{version}\n"
+        if self.key is not None:
+            content += self.key.sign(_promoted_context(name), version.encode()) + "\n"
+        _write_atomically(self.root / name / PROMOTED_FILE, content.encode())
+
+    def sign(self, name: str, version: str | None = None) -> list[str]:
+        """Sign manifests already in the registry (all of NAME's versions, or one) and its
+        ``PROMOTED``: who runs this vouches for them. Returns the versions signed."""
+        if self.key is None:
+            from producer.errors import ConfigError
+
+            raise ConfigError("signing a manifest needs BATCHERY_SIGNING_KEY and _CERT set")
+        versions = [version] if version else self.versions(name)
+        for v in versions:
+            path = self.root / name / v
+            raw = (path / META_FILE).read_bytes()
+            signature = self.key.sign(_meta_context(name, v), raw)
+            _write_atomically(path / SIGNATURE_FILE, f"{signature}\n".encode())
+        if (self.root / name / PROMOTED_FILE).is_file():
+            self.promote(name, self.promoted(name))
+        return versions
 
     def publish(
         self,
@@ -180,7 +253,11 @@ class Registry:
                 version = str(int(versions[-1]) + 1) if versions else "1"
                 meta = self._meta(name, version, target.name, digest, labels, input_shape,
                                   color_mode, scale, offset, extra)  # fmt: skip
-                (staging / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
+                raw = (json.dumps(meta, indent=2) + "\n").encode()
+                (staging / META_FILE).write_bytes(raw)
+                if self.key is not None:  # in the same folder, renamed with it: atomic too
+                    signature = self.key.sign(_meta_context(name, version), raw)
+                    (staging / SIGNATURE_FILE).write_text(signature + "\n")
                 try:
                     os.rename(staging, folder / version)  # fails if the number was taken
                     break
@@ -261,3 +338,16 @@ def _write_atomically(path: Path, data: bytes) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def _meta_context(name: str, version: str) -> str:
+    return f"{name}/{version}/{META_FILE}"
+
+
+def _promoted_context(name: str) -> str:
+    return f"{name}/{PROMOTED_FILE}"
+
+
+def _signature_of(path: Path) -> str | None:
+    file = path / SIGNATURE_FILE
+    return file.read_text().strip() if file.is_file() else None

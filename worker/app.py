@@ -57,10 +57,15 @@ def runner(settings: Settings) -> BatchRunner:
     if _runner is None:
         preprocess.limit_pillow(settings.max_image_pixels)
         threads = max(1, (os.cpu_count() or 1) // max(1, settings.concurrency))
-        pinned = ModelInfo.from_dir(settings.model_path) if settings.model_path else None
+        registry = Registry.from_settings(settings)  # checks manifests when signing is set up
+        pinned = (
+            ModelInfo.from_dir(settings.model_path, registry.verifier)
+            if settings.model_path
+            else None
+        )
         recorded = metrics.for_settings(settings)
         models = ModelCache(
-            Registry(settings.model_dir),
+            registry,
             settings.default_model,
             settings.batch_size,
             threads=threads,

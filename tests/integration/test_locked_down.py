@@ -22,12 +22,14 @@ import trustme
 from producer.client import Client
 from producer.errors import RedisUnavailableError
 from producer.local import RedisServer, WorkerProcess, free_port
+from producer.registry import Registry
 from producer.settings import Settings
 from producer.signing import Signer
 from producer.wire import Job, build_message
 from tests.factories import digit_paths, label_of, wait_until_serving
 
 pytestmark = pytest.mark.integration
+SHIPPED = Path(__file__).resolve().parents[2] / "models" / "mnist-cnn" / "1" / "model.keras"
 
 ROOT = Path(__file__).resolve().parents[2]
 PASSWORD = "pw-7b1e0c2f-never-logged"
@@ -211,9 +213,22 @@ def tampered(message_raw: str, other: Job, queue: str) -> str:
     return json.dumps(envelope)
 
 
-def test_signed_messages_only(signing_files: SigningFiles, redis_server: RedisServer) -> None:
+def signed_registry(root: Path, files: SigningFiles) -> Registry:
+    """The shipped model published into a registry of its own, its manifests signed."""
+    settings = Settings.from_env({**files.env(), "BATCHERY_MODEL_DIR": str(root)})
+    registry = Registry.from_settings(settings)
+    for _ in range(2):
+        registry.publish(SHIPPED, "mnist-cnn", [str(d) for d in range(10)], (28, 28, 1))
+    return registry
+
+
+def test_signed_messages_only(
+    signing_files: SigningFiles, redis_server: RedisServer, tmp_path: Path
+) -> None:
     queue = "signed"
-    env = {**signing_files.env(), "BATCHERY_QUEUE": queue}
+    registry = signed_registry(tmp_path / "models", signing_files)
+    env = {**signing_files.env(), "BATCHERY_QUEUE": queue,
+           "BATCHERY_MODEL_DIR": str(registry.root)}  # fmt: skip
     url = redis_server.url
     worker = serving_worker(url, env)
     try:
@@ -241,6 +256,14 @@ def test_signed_messages_only(signing_files: SigningFiles, redis_server: RedisSe
                 case, result["error"])  # fmt: skip
         assert signed.result("genuine")["status"] == "PENDING"  # never sent as itself
         answered(signed, 2)  # and the worker carries on
+        # A manifest edited by hand (trusted: true, to run a Lambda) no longer verifies.
+        edited = registry.root / "mnist-cnn" / "2" / "model.json"
+        edited.write_text(
+            edited.read_text().replace('"color_mode"', '"trusted": true, "color_mode"')
+        )
+        result = signed.result(signed.submit(image, version="2"), timeout=60)
+        assert result["status"] == "FAILURE" and "signature does not verify" in result["error"]
+        assert signed.result(signed.submit(image, version="1"), timeout=60)["status"] == "SUCCESS"
     finally:
         worker.stop()
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import ssl
+from dataclasses import replace
 from pathlib import Path
 
 import fakeredis
@@ -12,7 +13,8 @@ import trustme
 from celery.security.certificate import FSCertStore
 from celery.security.serialization import SecureSerializer
 
-from producer.errors import ConfigError
+from producer.errors import ConfigError, ModelLoadError
+from producer.registry import Registry
 from producer.settings import Settings
 from producer.signing import CONTENT_TYPE, Signer
 from producer.wire import Job, build_message, deaths_key, jobs_from_kwargs, jobs_to_kwargs
@@ -94,3 +96,67 @@ def test_tls_options_always_verify_the_server() -> None:
         "ssl_cert_reqs": ssl.CERT_REQUIRED, "ssl_ca_certs": str(ca),
         "ssl_certfile": str(ca), "ssl_keyfile": str(ca),
     }  # fmt: skip
+
+
+# --- signed manifests ----------------------------------------------------------------------
+
+SHIPPED = Path(__file__).resolve().parents[2] / "models" / "mnist-cnn" / "1" / "model.keras"
+DIGITS = [str(d) for d in range(10)]
+
+
+def signed_registry(signing: Settings, root: Path) -> Registry:
+    return Registry.from_settings(replace(signing, model_dir=root))
+
+
+def test_publish_and_promote_sign_and_workers_check(signing, tmp_path) -> None:
+    registry = signed_registry(signing, tmp_path / "models")
+    registry.publish(SHIPPED, "m", DIGITS, (28, 28, 1))
+    registry.publish(SHIPPED, "m", DIGITS, (28, 28, 1))
+    registry.promote("m", "2")
+    assert registry.get("m").version == "2" and registry.get("m", "1").trusted is False
+    # A worker's registry checks; one without signing set up reads anything.
+    assert Registry(tmp_path / "models").get("m", "1").version == "1"
+
+
+@pytest.mark.parametrize("tamper", ["trusted", "moved", "unsigned", "promoted", "stranger"])
+def test_a_manifest_changed_after_signing_is_refused(signing, tmp_path, tamper) -> None:
+    registry = signed_registry(signing, tmp_path / "models")
+    for _ in range(2):
+        registry.publish(SHIPPED, "m", DIGITS, (28, 28, 1))
+    v1 = tmp_path / "models" / "m" / "1"
+    if tamper == "trusted":  # edited by hand to run code Keras safe_mode would refuse
+        meta = json.loads((v1 / "model.json").read_text())
+        (v1 / "model.json").write_text(json.dumps({**meta, "trusted": True}))
+        refused = lambda: registry.get("m", "1")  # noqa: E731
+    elif tamper == "moved":  # version 2's signed manifest passed off as version 1's
+        for name in ("model.json", "model.json.sig"):
+            (v1 / name).write_bytes((v1.parent / "2" / name).read_bytes())
+        refused = lambda: registry.get("m", "1")  # noqa: E731
+    elif tamper == "unsigned":
+        (v1 / "model.json.sig").unlink()
+        refused = lambda: registry.get("m", "1")  # noqa: E731
+    elif tamper == "promoted":  # PROMOTED rewritten by hand
+        (v1.parent / "PROMOTED").write_text("2\n")
+        refused = lambda: registry.promoted("m")  # noqa: E731
+    else:  # signed, but by a key the workers don't trust
+        rsa = trustme.KeyType.RSA
+        other = trustme.CA(key_type=rsa).issue_cert("stranger", key_type=rsa)
+        other.private_key_pem.write_to_path(str(tmp_path / "stranger.key"))
+        other.cert_chain_pems[0].write_to_path(str(tmp_path / "stranger.pem"))
+        stranger = replace(signing, signing_key=tmp_path / "stranger.key",
+                           signing_cert=tmp_path / "stranger.pem")  # fmt: skip
+        Registry(tmp_path / "models", key=signed_registry(stranger, tmp_path).key).sign("m", "1")
+        refused = lambda: registry.get("m", "1")  # noqa: E731
+    with pytest.raises(ModelLoadError, match=r"not signed|does not verify"):
+        refused()
+    assert registry.get("m", "2").version == "2"  # the others still load
+
+
+def test_models_sign_vouches_for_an_existing_registry(signing, tmp_path) -> None:
+    plain = Registry(tmp_path / "models")
+    plain.publish(SHIPPED, "m", DIGITS, (28, 28, 1))
+    checking = signed_registry(signing, tmp_path / "models")
+    with pytest.raises(ModelLoadError, match="not signed"):
+        checking.get("m", "1")
+    Registry(tmp_path / "models", key=checking.key).sign("m")
+    assert checking.get("m").version == "1"
