@@ -182,10 +182,12 @@ def flower_get(port: int, path: str, auth: str | None) -> object:
 
 def test_flower_sees_our_worker_and_task(ops: OpsWorker) -> None:
     port, auth = free_port(), "ops:flower-test-pw"
+    # The broker URL from the environment, as compose gives it: `ps` shows no password.
     flower = subprocess.Popen(
-        [sys.executable, "-m", "celery", f"--broker={ops.url}", "flower", f"--port={port}",
-         "--address=127.0.0.1", f"--basic-auth={auth}"],
+        [sys.executable, "-m", "celery", "flower", f"--port={port}", "--address=127.0.0.1",
+         f"--basic-auth={auth}"],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=ROOT,
+        env={**os.environ, "CELERY_BROKER_URL": ops.url},
     )  # fmt: skip
     try:
         deadline = time.monotonic() + 60
@@ -207,17 +209,22 @@ def test_flower_sees_our_worker_and_task(ops: OpsWorker) -> None:
         with pytest.raises(urllib.error.HTTPError) as refused:
             flower_get(port, "/api/workers", None)
         assert refused.value.code == 401
-        # Task events: flower follows our messages by name to SUCCESS once jobs flow.
+        # Task events: flower follows our messages by name through STARTED to SUCCESS.
         with Client(ops.url) as client:
             client.results(client.submit_many(digit_paths(3)), timeout=30)
         tasks: dict = {}
         while not any(
-            t.get("name") == "batchery.classify" and t.get("state") == "SUCCESS"
+            t.get("name") == "batchery.classify"
+            and t.get("state") == "SUCCESS"
+            and t.get("received")
+            and t.get("started")
+            and t.get("succeeded")
             for t in tasks.values()
         ):
-            assert time.monotonic() < deadline + 30, "flower saw no batchery.classify task"
+            assert time.monotonic() < deadline + 30, f"flower saw no task through STARTED: {tasks}"
             time.sleep(0.5)
             tasks = flower_get(port, "/api/tasks", auth)  # type: ignore[assignment]
+        assert "not sent" not in ops.worker.log_path.read_text()
     finally:
         flower.terminate()
         flower.wait(timeout=30)
