@@ -224,7 +224,7 @@ def test_flower_sees_our_worker_and_task(ops: OpsWorker) -> None:
             assert time.monotonic() < deadline + 30, f"flower saw no task through STARTED: {tasks}"
             time.sleep(0.5)
             tasks = flower_get(port, "/api/tasks", auth)  # type: ignore[assignment]
-        assert "not sent" not in ops.worker.log_path.read_text()
+        assert "not sent" not in ops.process.log_path.read_text()
     finally:
         flower.terminate()
         flower.wait(timeout=30)
