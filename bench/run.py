@@ -6,7 +6,9 @@
     on an idle worker: the latency of a lone job);
 (d) Batchery bulk: ``batchery classify`` over the files on disk;
 (e) the limit: the same model called in-process on the same decoded images, same batch size;
-(f) Ray Serve with ``@serve.batch`` over HTTP, when ray[serve] is installed.
+(f) Ray Serve with ``@serve.batch`` over HTTP, when ray[serve] is installed;
+(m) mixed load: a lone job every 50 ms at high priority while a ``classify`` of the files runs
+    at its default (low) priority, and (m0) the same with everything at normal.
 """
 
 from __future__ import annotations
@@ -285,6 +287,35 @@ def run_bulk(url: str, folder: Path, n: int, env: dict[str, str]) -> tuple[Row, 
                note=f"incl. start-up; {summary.split(' in ')[-1]}"), peak  # fmt: skip
 
 
+def run_mixed(client: Client, url: str, folder: Path, n: int, env: dict[str, str],
+              urgent: str, bulk_alone: Row) -> Row:  # fmt: skip
+    """(m) a lone job every 50 ms at ``urgent`` priority while ``classify`` runs at its
+    default (low) priority; (m0) with ``urgent`` normal, the bulk run is normal too."""
+    out = folder.parent / f"mixed-{urgent}.jsonl"
+    bulk_priority = "low" if urgent == "high" else "normal"
+    cmd = [sys.executable, "-m", "producer.cli", "classify", str(folder), "-o", str(out),
+           "--priority", bulk_priority]  # fmt: skip
+    data = next(folder.rglob("*.*")).read_bytes()
+    started = time.perf_counter()
+    proc = subprocess.Popen(cmd, env={**env, "BATCHERY_REDIS_URL": url},
+                            stderr=subprocess.DEVNULL, cwd=ROOT)  # fmt: skip
+    latencies = []
+    while proc.poll() is None:
+        at = time.perf_counter()
+        client.result(client.submit(data, priority=urgent), timeout=60)
+        latencies.append(time.perf_counter() - at)
+        time.sleep(max(0.0, 0.05 - (time.perf_counter() - at)))
+    seconds = time.perf_counter() - started
+    if proc.returncode != 0:
+        raise RuntimeError(f"classify failed with exit code {proc.returncode}")
+    rate = n / seconds
+    name = ("(m) lone high jobs every 50 ms during a low bulk run" if urgent == "high"
+            else "(m0) the same, everything at normal priority")  # fmt: skip
+    return Row(name, len(latencies), sum(latencies), latencies,
+               note=f"bulk {rate:,.0f} img/s meanwhile, {rate / bulk_alone.rate:.0%} "
+               "of (d) alone")  # fmt: skip
+
+
 def run_limit(paths: list[Path], info: ModelInfo, batch_size: int, threads: int) -> Row:
     """(e) the model in-process on the decoded images, ``batch_size`` at a time."""
     from worker import preprocess
@@ -374,11 +405,14 @@ def run_bench(model: str, images: int, workers: int, chart: Path | None,
                 bulk, producer_rss = run_bulk(url, folder, images, env)
                 rows.append(bulk)
                 worker_rss = worker_peak_rss(worker)
+                out("(m) ...")
+                for urgent in ("high", "normal"):
+                    rows.append(run_mixed(client, url, folder, images, env, urgent, bulk))
                 client.close()
             finally:
                 worker.stop()
-            rows[-1].note += (f"; peak RSS producer {producer_rss / 2**20:.0f} MiB, "
-                              f"worker process {worker_rss / 2**20:.0f} MiB")  # fmt: skip
+            bulk.note += (f"; peak RSS producer {producer_rss / 2**20:.0f} MiB, "
+                          f"worker process {worker_rss / 2**20:.0f} MiB")  # fmt: skip
             out("(e) ...")
             rows.append(run_limit(medium, info, batch, threads=os.cpu_count() or 1))
             ray_rows = run_ray(medium, info, batch, workers)
@@ -435,6 +469,7 @@ def draw_chart(rows: list[Row], model: str, workers: int, path: Path,
     except ImportError:
         out("(no chart: matplotlib is not installed; pip install 'batchery[bench]')")
         return
+    rows = [r for r in rows if not r.name.startswith("(m")]  # latency rows, not throughput
     fig, ax = plt.subplots(figsize=(9, 0.6 * len(rows) + 1.2))
     names = [r.name.split(":")[0] if len(r.name) > 40 else r.name for r in rows]
     rates = [r.rate for r in rows]

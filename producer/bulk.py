@@ -13,11 +13,13 @@ import glob
 import hashlib
 import json
 import os
+import signal
 import sys
+import threading
 import time
 from collections import Counter, OrderedDict
-from collections.abc import Iterable, Iterator
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field, replace
 from itertools import islice
 from pathlib import Path
 from typing import IO, Any
@@ -168,6 +170,8 @@ class Summary:
     skipped: int = 0
     elapsed_s: float = 0.0
     interrupted: bool = False
+    #: Jobs in flight cancelled when the run was interrupted.
+    cancelled: int = 0
 
     @property
     def total(self) -> int:
@@ -179,7 +183,11 @@ class Summary:
         rate = self.total / self.elapsed_s if self.elapsed_s else 0.0
         counts = ", ".join(f"{k} {v}" for k, v in sorted(self.counts.items())) or "nothing"
         skipped = f", skipped {self.skipped} already done" if self.skipped else ""
-        stop = " (interrupted: run again with --resume)" if self.interrupted else ""
+        stop = (
+            f" (interrupted: {self.cancelled} jobs in flight cancelled; run again with --resume)"
+            if self.interrupted
+            else ""
+        )
         return (
             f"classified {self.total}: {counts}{skipped} in {self.elapsed_s:.1f} s, "
             f"{rate:,.0f} img/s{stop}"
@@ -203,9 +211,16 @@ def classify(
     window: int = 4096,
     progress: IO[str] | None = sys.stderr,
     keep_results: bool = False,
+    priority: str = "low",
+    deadline_s: float | None = None,
 ) -> Summary:
-    """Classify every image ``specs`` name into ``out``; see the module docstring."""
-    client.check_model(model, version)
+    """Classify every image ``specs`` name into ``out``; see the module docstring.
+
+    Jobs go at ``priority`` (``low`` by default: bulk work gives way to jobs someone is
+    waiting for). Interrupted (Ctrl-C, SIGTERM), the run cancels the jobs it has in flight
+    before it returns, so workers don't compute them for nobody; ``resume`` picks them up.
+    """
+    template = client.job_template(model, version, priority, deadline_s, notify=False)
     writer = RowWriter(Path(out), resume)
     summary = Summary()
     started = time.monotonic()
@@ -221,6 +236,7 @@ def classify(
     collected: list[str] = []
     paths = iter_inputs(specs)
     exhausted = False
+    restore = _sigterm_interrupts()
     try:
         pause = 0.0005
         while not exhausted or inflight:
@@ -236,7 +252,8 @@ def classify(
                 else:
                     try:
                         data = read_checked(path, limit, max_pixels)
-                        job = Job(new_job_id(), data, model, version, time.time(), notify=False)
+                        job = replace(template, id=new_job_id(), image=data,
+                                      submitted_at=time.time())  # fmt: skip
                     except (OSError, InvalidImageError) as exc:
                         key = new_job_id()
                         inflight[key] = (path, "")
@@ -278,11 +295,33 @@ def classify(
             client.fetch([], forget=collected)
     except KeyboardInterrupt:
         summary.interrupted = True
+        in_flight = [job_id for _, job_id in inflight.values() if job_id]
+        try:
+            summary.cancelled = sum(client.cancel_many(in_flight))
+        except BatcheryError as exc:  # Redis away: the jobs will be computed, and dropped
+            print(f"batchery: could not cancel the jobs in flight: {exc}", file=sys.stderr)
     finally:
+        restore()
         bar.close()
         writer.close()
         summary.elapsed_s = time.monotonic() - started
     return summary
+
+
+def _sigterm_interrupts() -> Callable[[], None]:
+    """Make SIGTERM interrupt like Ctrl-C (in the main thread); return what restores it."""
+    if threading.current_thread() is not threading.main_thread():
+        return lambda: None
+
+    def interrupt(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+
+    def restore() -> None:
+        signal.signal(signal.SIGTERM, previous)
+
+    return restore
 
 
 def read_checked(path: str, limit: int, max_pixels: int) -> bytes:

@@ -12,6 +12,7 @@ from typing import Any
 from producer.errors import BatcheryError
 from producer.registry import PROMOTED_FILE, Registry
 from producer.settings import Settings
+from producer.wire import PRIORITIES
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -44,9 +45,17 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("images", nargs="+", metavar="IMAGE")
     p.add_argument("--model", help="model name (default: the workers' default model)")
     p.add_argument("--version", help="model version (default: the promoted one)")
+    _job_control(p, "normal")
 
     p = sub.add_parser(
-        "result", help="print results as JSON lines; exit 1 if any failed or is still pending"
+        "cancel", help="withdraw jobs not yet computed; exit 1 if any was already answered"
+    )
+    p.add_argument("job_ids", nargs="+", metavar="JOB_ID")
+
+    p = sub.add_parser(
+        "result",
+        help="print results as JSON lines; exit 1 unless every one is SUCCESS "
+        "(FAILURE, CANCELLED, EXPIRED, still PENDING)",
     )
     p.add_argument("job_ids", nargs="+", metavar="JOB_ID")
     p.add_argument(
@@ -82,6 +91,7 @@ def _parser() -> argparse.ArgumentParser:
         "--keep-results", action="store_true",
         help="leave each result in Redis too (default: deleted once written to OUT)",
     )  # fmt: skip
+    _job_control(p, "low")
 
     p = sub.add_parser(
         "train",
@@ -161,6 +171,18 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _job_control(p: argparse.ArgumentParser, priority: str) -> None:
+    p.add_argument(
+        "--priority", choices=list(PRIORITIES), default=priority,
+        help=f"workers take higher work first ({priority})",
+    )  # fmt: skip
+    p.add_argument(
+        "--deadline", type=float, metavar="SECONDS", dest="deadline_s",
+        help="answer EXPIRED, uncomputed, if not started within SECONDS "
+        "(default: BATCHERY_DEFAULT_DEADLINE_S, or none)",
+    )  # fmt: skip
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run ``batchery``; return the exit status."""
     args = _parser().parse_args(argv)
@@ -194,9 +216,23 @@ def _submit(args: argparse.Namespace, settings: Settings) -> int:
     from producer.client import Client
 
     with Client(settings=settings) as client:
-        ids = client.submit_many(args.images, model=args.model, version=args.version)
+        ids = client.submit_many(args.images, model=args.model, version=args.version,
+                                 priority=args.priority, deadline_s=args.deadline_s)  # fmt: skip
     print("\n".join(ids))
     return 0
+
+
+def _cancel(args: argparse.Namespace, settings: Settings) -> int:
+    from producer.client import Client
+
+    with Client(settings=settings) as client:
+        flags = client.cancel_many(args.job_ids)
+        kept = [jid for jid, flag in zip(args.job_ids, flags, strict=True) if not flag]
+        answered = {jid: r["status"] for jid, r in zip(kept, client.results(kept), strict=True)}
+    for job_id, flag in zip(args.job_ids, flags, strict=True):
+        print(f"{job_id}: " + ("cancelled" if flag else
+                               f"already answered ({answered[job_id]}), kept"))  # fmt: skip
+    return 0 if all(flags) else 1
 
 
 def _result(args: argparse.Namespace, settings: Settings) -> int:
@@ -219,7 +255,8 @@ def _classify(args: argparse.Namespace, settings: Settings) -> int:
         summary = classify(client, args.paths, args.output, model=name or None,
                            version=version or None, resume=args.resume,
                            ordered=not args.unordered, window=args.window,
-                           keep_results=args.keep_results)  # fmt: skip
+                           keep_results=args.keep_results, priority=args.priority,
+                           deadline_s=args.deadline_s)  # fmt: skip
     print(summary.line(), file=sys.stderr)
     if summary.interrupted:
         return 130
@@ -349,6 +386,7 @@ def _demo(args: argparse.Namespace, settings: Settings) -> int:
 _COMMANDS = {
     "worker": _worker,
     "submit": _submit,
+    "cancel": _cancel,
     "result": _result,
     "classify": _classify,
     "train": _train,

@@ -18,11 +18,17 @@ from producer.registry import Registry
 from producer.settings import Settings, redact_url
 from producer.signing import Signer
 from producer.wire import (
+    STATS_KEY,
     Job,
+    JobResult,
     build_message,
+    check_deadline,
+    check_job_id,
     check_name,
+    check_priority,
     chunk_jobs,
     decode_result_meta,
+    encode_result_meta,
     new_job_id,
     pending_result,
     result_key,
@@ -56,41 +62,97 @@ class Client:
         )
         self._signer = Signer.from_settings(settings)
         self._ledger = Ledger(self._redis, settings.queue)
+        self._cancel = self._redis.register_script(_CANCEL)
         self._outbox: list[_Ticket] = []
         self._pushing = False
         self._outbox_ready = threading.Condition()
         self._local = threading.local()
 
     def submit(
-        self, image: ImageInput, model: str | None = None, version: str | None = None
+        self,
+        image: ImageInput,
+        model: str | None = None,
+        version: str | None = None,
+        *,
+        priority: str = "normal",
+        deadline_s: float | None = None,
     ) -> str:
         """Enqueue one image; return its job id.
 
         ``image`` is a path, encoded bytes (PNG, JPEG, ...), a PIL image or a numpy array.
         ``model`` and ``version`` default to the workers' default model and its promoted
-        version. Raises :class:`~producer.errors.InvalidImageError` before enqueueing anything
+        version. ``priority`` is ``high``, ``normal`` or ``low``: workers take higher work
+        first. ``deadline_s``: if its batch has not started that many seconds after now, the
+        job is answered ``EXPIRED`` without being computed (BATCHERY_DEFAULT_DEADLINE_S when
+        None). Raises :class:`~producer.errors.InvalidImageError` before enqueueing anything
         if the input can't be sent.
         """
-        return self.submit_many([image], model=model, version=version)[0]
+        return self.submit_many(
+            [image], model=model, version=version, priority=priority, deadline_s=deadline_s
+        )[0]
 
     def submit_many(
         self,
         images: Iterable[ImageInput],
         model: str | None = None,
         version: str | None = None,
+        *,
+        priority: str = "normal",
+        deadline_s: float | None = None,
     ) -> list[str]:
         """Enqueue many images in one round trip; return their job ids in input order.
 
         Every input is checked first: if one can't be sent, nothing is enqueued. Jobs travel
         up to ``chunk_size`` to a message (fewer when their images pass
         BATCHERY_MAX_MESSAGE_BYTES together); each keeps its own id and its own result.
+        ``priority`` and ``deadline_s`` as for :meth:`submit`.
         """
-        self.check_model(model, version)
-        now = time.time()
+        job = self.job_template(model, version, priority, deadline_s)
         limits = self.settings.max_image_bytes, self.settings.max_image_pixels
-        jobs = [Job(new_job_id(), image_bytes(img, *limits), model, version, now) for img in images]
+        jobs = [replace(job, id=new_job_id(), image=image_bytes(img, *limits)) for img in images]
         self.enqueue(jobs)
         return [job.id for job in jobs]
+
+    def job_template(
+        self,
+        model: str | None = None,
+        version: str | None = None,
+        priority: str = "normal",
+        deadline_s: float | None = None,
+        notify: bool = True,
+    ) -> Job:
+        """A job with these fields checked (and no image yet): what every submit starts from.
+
+        Refuses, before anything is enqueued, what a worker would refuse.
+        """
+        self.check_model(model, version)
+        deadline = check_deadline(deadline_s) or self.settings.default_deadline_s
+        return Job("", b"", model, version, time.time(), notify, check_priority(priority),
+                   deadline)  # fmt: skip
+
+    def cancel(self, job_id: str) -> bool:
+        """Withdraw a job: True if it is now CANCELLED, False if it was already answered.
+
+        A job not yet started is never computed: its result becomes ``{"status":
+        "CANCELLED"}`` at once, and a worker reaching it skips it. One inside a chunk message
+        is withdrawn alone. A job already answered keeps its answer. Batchery keeps no index
+        of queued ids, so an id it never saw is cancelled too: it can never run afterwards.
+        """
+        return self.cancel_many([job_id])[0]
+
+    def cancel_many(self, job_ids: Sequence[str]) -> list[bool]:
+        """:meth:`cancel` for many jobs in one round trip; a flag per id, in order."""
+        ids = [check_job_id(job_id) for job_id in job_ids]
+        if not ids:
+            return []
+        metas = [encode_result_meta(JobResult.cancelled(job_id)) for job_id in ids]
+        keys = [result_key(job_id) for job_id in ids]
+
+        def run() -> list[int]:
+            return list(self._cancel(keys=[STATS_KEY, *keys],
+                                     args=[self.settings.result_ttl_s, *metas]))  # fmt: skip
+
+        return [bool(flag) for flag in self.retrying(run)]
 
     def enqueue(self, jobs: Sequence[Job]) -> None:
         """Push already checked jobs, ``chunk_size`` to a message, in one LPUSH (all or none).
@@ -322,6 +384,24 @@ class Client:
 
 
 T = TypeVar("T")
+
+# KEYS: the stats hash, then a result key per job. ARGV: ttl, then the CANCELLED meta per
+# job. A job with no result gets CANCELLED (published to anyone waiting); one with a result
+# keeps it. Returns a 1 (cancelled) or 0 (already answered) per job.
+_CANCEL = """
+local flags, n = {}, 0
+for i = 2, #KEYS do
+  if redis.call('SET', KEYS[i], ARGV[i], 'EX', tonumber(ARGV[1]), 'NX') then
+    redis.call('PUBLISH', KEYS[i], ARGV[i])
+    flags[i - 1] = 1
+    n = n + 1
+  else
+    flags[i - 1] = 0
+  end
+end
+if n > 0 then redis.call('HINCRBY', KEYS[1], 'cancelled', n) end
+return flags
+"""
 
 
 class _Ticket:

@@ -25,52 +25,70 @@ from typing import Any
 
 import redis
 
-from producer.wire import UNACKED_KEY, Message, ledger_due_key, ledger_key, ledger_lock_key
+from producer.wire import (
+    PRIORITIES,
+    UNACKED_KEY,
+    Message,
+    ledger_due_key,
+    ledger_key,
+    ledger_lock_key,
+    queue_key,
+)
 
 #: How many of the oldest queued messages the sweep compares an overdue entry with.
 SCAN = 1000
 
-# KEYS: queue, ledger, due. ARGV: limit (0: none), due time, now, then id, tag, raw per message.
-# Returns the number pushed, or -1 (nothing pushed) if that would pass the limit.
+# KEYS: ledger, due, then the queue's lists (one a priority). ARGV: limit (0: none), due
+# time, now, then per message: the index of its list in KEYS, id, tag, raw. An entry is
+# "<tag> <pushed at> <list index> <raw>". Returns the number pushed, or -1 (nothing pushed)
+# if that would pass the limit (messages waiting, all priorities together).
 _PUSH = """
-local n = (#ARGV - 3) / 3
+local n = (#ARGV - 3) / 4
 local limit = tonumber(ARGV[1])
-if limit > 0 and redis.call('LLEN', KEYS[1]) + n > limit then return -1 end
-for i = 4, #ARGV, 3 do
-  redis.call('LPUSH', KEYS[1], ARGV[i + 2])
-  redis.call('HSET', KEYS[2], ARGV[i], ARGV[i + 1] .. ' ' .. ARGV[3] .. ' ' .. ARGV[i + 2])
-  redis.call('ZADD', KEYS[3], ARGV[2], ARGV[i])
+if limit > 0 then
+  local waiting = 0
+  for k = 3, #KEYS do waiting = waiting + redis.call('LLEN', KEYS[k]) end
+  if waiting + n > limit then return -1 end
+end
+for i = 4, #ARGV, 4 do
+  redis.call('LPUSH', KEYS[tonumber(ARGV[i])], ARGV[i + 3])
+  redis.call('HSET', KEYS[1], ARGV[i + 1],
+             ARGV[i + 2] .. ' ' .. ARGV[3] .. ' ' .. ARGV[i] .. ' ' .. ARGV[i + 3])
+  redis.call('ZADD', KEYS[2], ARGV[2], ARGV[i + 1])
 end
 return n
 """
 
-# KEYS: queue, ledger, due, kombu's unacked hash, lock. ARGV: now, next check time, most to
-# look at, oldest entry kept, lock time in ms, how many queued messages to scan.
-# Returns how many lost messages were pushed again (-1: another process is sweeping).
+# KEYS: ledger, due, kombu's unacked hash, lock, then the queue's lists as in _PUSH. ARGV:
+# now, next check time, most to look at, oldest entry kept, lock time in ms, how many queued
+# messages to scan. Returns how many lost messages were pushed again (-1: another process
+# is sweeping).
 _SWEEP = """
-if not redis.call('SET', KEYS[5], '1', 'NX', 'PX', tonumber(ARGV[5])) then return -1 end
+if not redis.call('SET', KEYS[4], '1', 'NX', 'PX', tonumber(ARGV[5])) then return -1 end
 local resent = 0
 local scan = tonumber(ARGV[6])
-local ids = redis.call('ZRANGEBYSCORE', KEYS[3], '-inf', ARGV[1], 'LIMIT', 0, tonumber(ARGV[3]))
+local ids = redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', ARGV[1], 'LIMIT', 0, tonumber(ARGV[3]))
 for _, id in ipairs(ids) do
-  local entry = redis.call('HGET', KEYS[2], id)
-  local first = entry and string.find(entry, ' ', 1, true)
-  local second = first and string.find(entry, ' ', first + 1, true)
-  if not second then
-    redis.call('ZREM', KEYS[3], id)
-    if entry then redis.call('HDEL', KEYS[2], id) end
-  elseif tonumber(string.sub(entry, first + 1, second - 1)) < tonumber(ARGV[4]) then
-    redis.call('ZREM', KEYS[3], id)
-    redis.call('HDEL', KEYS[2], id)
+  local entry = redis.call('HGET', KEYS[1], id)
+  local a = entry and string.find(entry, ' ', 1, true)
+  local b = a and string.find(entry, ' ', a + 1, true)
+  local c = b and string.find(entry, ' ', b + 1, true)
+  local list = c and KEYS[tonumber(string.sub(entry, b + 1, c - 1)) + 2]
+  if not list then
+    redis.call('ZREM', KEYS[2], id)
+    if entry then redis.call('HDEL', KEYS[1], id) end
+  elseif tonumber(string.sub(entry, a + 1, b - 1)) < tonumber(ARGV[4]) then
+    redis.call('ZREM', KEYS[2], id)
+    redis.call('HDEL', KEYS[1], id)
   else
-    local tag, raw = string.sub(entry, 1, first - 1), string.sub(entry, second + 1)
-    if redis.call('HEXISTS', KEYS[4], tag) == 0
-        and not redis.call('LPOS', KEYS[1], raw, 'RANK', -1, 'MAXLEN', scan)
-        and redis.call('LLEN', KEYS[1]) <= scan then
-      redis.call('LPUSH', KEYS[1], raw)
+    local tag, raw = string.sub(entry, 1, a - 1), string.sub(entry, c + 1)
+    if redis.call('HEXISTS', KEYS[3], tag) == 0
+        and not redis.call('LPOS', list, raw, 'RANK', -1, 'MAXLEN', scan)
+        and redis.call('LLEN', list) <= scan then
+      redis.call('LPUSH', list, raw)
       resent = resent + 1
     end
-    redis.call('ZADD', KEYS[3], ARGV[2], id)
+    redis.call('ZADD', KEYS[2], ARGV[2], id)
   end
 end
 return resent
@@ -83,17 +101,20 @@ class Ledger:
     def __init__(self, client: redis.Redis, queue: str) -> None:
         self.client = client
         self.queue = queue
-        self.keys = (queue, ledger_key(queue), ledger_due_key(queue))
+        self.lists = [queue_key(queue, priority) for priority in PRIORITIES]
+        self.keys = (ledger_key(queue), ledger_due_key(queue))
         self._push = client.register_script(_PUSH)
         self._sweep = client.register_script(_SWEEP)
 
     def push(self, messages: Sequence[Message], check_after_s: float, limit: int = 0) -> int:
-        """Push messages and record them, atomically; -1 (nothing pushed) if over ``limit``."""
+        """Push messages, each onto its priority's list, and record them, atomically;
+        -1 (nothing pushed) if that would pass ``limit`` messages waiting."""
         now = time.time()
         args: list[Any] = [limit, now + check_after_s, f"{now:.3f}"]
+        index = {priority: i + 3 for i, priority in enumerate(PRIORITIES)}  # KEYS are 1-based
         for message in messages:
-            args += [message.id, message.tag, message.raw]
-        return int(self._push(keys=self.keys, args=args))
+            args += [index[message.priority], message.id, message.tag, message.raw]
+        return int(self._push(keys=[*self.keys, *self.lists], args=args))
 
     def sweep(
         self, check_after_s: float, expire_s: float, every_s: float = 1.0, most: int = 20
@@ -103,7 +124,7 @@ class Ledger:
         Runs in one process at a time (for ``every_s``); 0 when another process swept.
         """
         now = time.time()
-        keys = [*self.keys, UNACKED_KEY, ledger_lock_key(self.queue)]
+        keys = [*self.keys, UNACKED_KEY, ledger_lock_key(self.queue), *self.lists]
         args = [now, now + check_after_s, most, now - expire_s, int(every_s * 1000), SCAN]
         return max(0, int(self._sweep(keys=keys, args=args)))
 

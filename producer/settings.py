@@ -53,6 +53,7 @@ class Settings:
     prefetch_jobs: int = 0
     prefetch_bytes: int = 64 * 1024 * 1024
     batch_time_limit_s: float = 120.0
+    default_deadline_s: float | None = None
 
     def __post_init__(self) -> None:
         if self.chunk_size > MAX_JOBS_PER_MESSAGE:
@@ -192,6 +193,11 @@ class Settings:
             ),
             batch_time_limit_s=float(
                 number("BATCHERY_BATCH_TIME_LIMIT", defaults.batch_time_limit_s, float)
+            ),
+            default_deadline_s=(
+                float(number("BATCHERY_DEFAULT_DEADLINE_S", 0.0, float, minimum=0.001))
+                if env.get("BATCHERY_DEFAULT_DEADLINE_S", "").strip()
+                else None
             ),
         )
 

@@ -9,14 +9,22 @@ from typing import Any, TextIO
 
 from producer.client import Client
 from producer.settings import redact_url
-from producer.wire import DEAD_LETTER_KEY, HEARTBEAT_PREFIX, STATS_KEY, UNACKED_KEY
+from producer.wire import (
+    DEAD_LETTER_KEY,
+    HEARTBEAT_PREFIX,
+    PRIORITIES,
+    STATS_KEY,
+    UNACKED_KEY,
+    queue_key,
+)
 
 
 def collect(client: Client) -> dict[str, Any]:
     """Queue depth, messages in flight, live worker processes, counters, dead letters.
 
     ``computed_twice``: jobs computed again after they were answered (the second answer was
-    discarded); ``refused``: jobs refused without a valid id to answer them by.
+    discarded); ``cancelled_late``: jobs cancelled while their batch ran (computed, the
+    answer discarded); ``refused``: jobs refused without a valid id to answer them by.
     """
     r = client.redis
     workers = sorted(
@@ -24,23 +32,29 @@ def collect(client: Client) -> dict[str, Any]:
         for key in r.scan_iter(match=f"{HEARTBEAT_PREFIX}*", count=1000)
     )
     with r.pipeline(transaction=False) as pipe:
-        pipe.llen(client.settings.queue)
+        for priority in PRIORITIES:
+            pipe.llen(queue_key(client.settings.queue, priority))
         pipe.hlen(UNACKED_KEY)
         pipe.hgetall(STATS_KEY)
         pipe.llen(DEAD_LETTER_KEY)
-        depth, in_flight, stats, dead = pipe.execute()
+        *depths, in_flight, stats, dead = pipe.execute()
     stats = {k.decode(): v.decode() for k, v in stats.items()}
+    by_priority = dict(zip(PRIORITIES, (int(d) for d in depths), strict=True))
     return {
         "redis": redact_url(client.settings.redis_url),
         "queue": client.settings.queue,
-        "queue_depth": depth,
+        "queue_depth": sum(by_priority.values()),
+        "queue_depth_by_priority": by_priority,
         "in_flight": in_flight,
         "workers_alive": len(workers),
         "workers": workers,
         "done": int(stats.get("done", 0)),
         "failed": int(stats.get("failed", 0)),
         "batches": int(stats.get("batches", 0)),
+        "cancelled": int(stats.get("cancelled", 0)),
+        "expired": int(stats.get("expired", 0)),
         "computed_twice": int(stats.get("computed_twice", 0)),
+        "cancelled_late": int(stats.get("cancelled_late", 0)),
         "refused": int(stats.get("refused", 0)),
         "dead_letters": dead,
     }
@@ -50,13 +64,17 @@ def render(status: dict[str, Any]) -> str:
     """The status as a few aligned lines (with rates, when :func:`watch` added them)."""
     lines = [
         f"redis          {status['redis']}",
-        f"queue          {status['queue']}: {status['queue_depth']} messages waiting, "
-        f"{status['in_flight']} in flight",
+        f"queue          {status['queue']}: {status['queue_depth']} messages waiting ("
+        + ", ".join(f"{p} {n}" for p, n in status["queue_depth_by_priority"].items())
+        + f"), {status['in_flight']} in flight",
         f"workers alive  {status['workers_alive']}"
         + (f" ({', '.join(status['workers'])})" if status["workers"] else ""),
         f"jobs           {status['done']} done, {status['failed']} failed, "
-        f"in {status['batches']} batches; {status['computed_twice']} computed twice "
-        f"(answered once), {status['refused']} refused without an id",
+        f"{status['cancelled']} cancelled, {status['expired']} expired, "
+        f"in {status['batches']} batches",
+        f"               {status['computed_twice']} computed twice (answered once), "
+        f"{status['cancelled_late']} computed after being cancelled, "
+        f"{status['refused']} refused without an id",
         f"dead letters   {status['dead_letters']}",
     ]
     if "jobs_per_s" in status:

@@ -62,6 +62,33 @@ def ledger_lock_key(queue: str) -> str:
 SUCCESS = "SUCCESS"
 FAILURE = "FAILURE"
 PENDING = "PENDING"
+#: Withdrawn by ``Client.cancel`` before it was computed.
+CANCELLED = "CANCELLED"
+#: Its ``deadline_s`` passed before its batch started: never computed.
+EXPIRED = "EXPIRED"
+
+#: Job priorities, highest first, and the kombu priority of each one's Redis list. Normal is
+#: kombu's 0, the bare queue, where a stock Celery producer's messages land too; high and
+#: low are the lists kombu names ``<queue>\x06\x163`` and ``<queue>\x06\x166`` (kombu's 9,
+#: which only a stock producer would use, is served as low).
+PRIORITIES = {"high": 3, "normal": 0, "low": 6}
+#: kombu's separator between a queue's name and its priority.
+PRIORITY_SEP = "\x06\x16"
+#: Longest deadline a job may carry, in seconds (30 days).
+MAX_DEADLINE_S = 30 * 24 * 3600.0
+
+
+def queue_key(queue: str, priority: str) -> str:
+    """The Redis list holding ``queue``'s messages of ``priority``."""
+    number = PRIORITIES[priority]
+    return f"{queue}{PRIORITY_SEP}{number}" if number else queue
+
+
+def priority_of(number: Any) -> str:
+    """The priority a kombu priority number is served at (0-2 normal, 3-5 high, else low)."""
+    if not isinstance(number, int) or isinstance(number, bool) or number < 3:
+        return "normal"
+    return "high" if number < 6 else "low"
 
 
 def result_key(job_id: str) -> str:
@@ -149,6 +176,30 @@ def check_job_id(value: Any) -> str:
     return value
 
 
+def check_priority(value: Any) -> str:
+    """``value`` if it is a priority; :class:`InvalidJobError` if not."""
+    if not isinstance(value, str) or value not in PRIORITIES:
+        raise InvalidJobError(f"priority {excerpt(value)} is not one of {', '.join(PRIORITIES)}")
+    return value
+
+
+def check_deadline(value: Any) -> float | None:
+    """``value`` as seconds if it is a deadline (or None); :class:`InvalidJobError` if not."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise InvalidJobError(f"deadline_s {excerpt(value)} is not a number of seconds")
+    try:
+        seconds = float(value)
+    except OverflowError:
+        seconds = math.inf
+    if not (math.isfinite(seconds) and 0 < seconds <= MAX_DEADLINE_S):
+        raise InvalidJobError(
+            f"deadline_s must be above 0 and at most {MAX_DEADLINE_S:g} seconds (30 days)"
+        )
+    return seconds
+
+
 def plausible_time(value: Any) -> float:
     """``value`` as a Unix time if it is a finite number in :data:`PLAUSIBLE_TIMES`, else 0."""
     if isinstance(value, bool) or not isinstance(value, (int, float)):
@@ -178,10 +229,15 @@ class Job:
     #: Publish the result on its key's channel (waiting clients wake at once). Bulk runs,
     #: which collect with MGET, turn it off: half the Redis writes per job.
     notify: bool = True
+    #: ``high``, ``normal`` or ``low`` (see :data:`PRIORITIES`).
+    priority: str = "normal"
+    #: Seconds from ``submitted_at`` after which the job is answered EXPIRED if its batch has
+    #: not started; None: no deadline.
+    deadline_s: float | None = None
 
     def to_wire(self) -> dict[str, Any]:
         """The job as a JSON-ready dict (image bytes in base64)."""
-        wire = {
+        wire: dict[str, Any] = {
             "id": self.id,
             "image": base64.b64encode(self.image).decode("ascii"),
             "model": self.model,
@@ -190,7 +246,19 @@ class Job:
         }
         if not self.notify:
             wire["notify"] = False
+        if self.priority != "normal":
+            wire["priority"] = self.priority
+        if self.deadline_s is not None:
+            wire["deadline_s"] = self.deadline_s
         return wire
+
+    def expired(self, now: float) -> bool:
+        """Whether its deadline has passed at ``now`` (never, without a deadline or a time)."""
+        return (
+            self.deadline_s is not None
+            and self.submitted_at > 0
+            and now > self.submitted_at + self.deadline_s
+        )
 
     def wire_size(self) -> int:
         """Roughly the bytes this job takes in a message (its image in base64, plus fields)."""
@@ -230,6 +298,8 @@ class Job:
                 version=version,
                 submitted_at=plausible_time(obj.get("submitted_at")),
                 notify=notify is not False,
+                priority=check_priority(obj.get("priority", "normal")),
+                deadline_s=check_deadline(obj.get("deadline_s")),
             )
         except InvalidJobError as exc:
             exc.job_id = job_id
@@ -314,13 +384,18 @@ def jobs_in_headers(headers: Any) -> int:
 
 def chunk_jobs(jobs: Sequence[Job], most_jobs: int, most_bytes: int) -> list[list[Job]]:
     """``jobs`` in order, split into messages of at most ``most_jobs`` jobs and about
-    ``most_bytes`` bytes (a job bigger than that alone makes a message of its own)."""
+    ``most_bytes`` bytes (a job bigger than that alone makes a message of its own), and
+    wherever the priority changes (a message's jobs share its list)."""
     chunks: list[list[Job]] = []
     current: list[Job] = []
     size = 0
     for job in jobs:
         weight = job.wire_size()
-        if current and (len(current) >= most_jobs or size + weight > most_bytes):
+        if current and (
+            len(current) >= most_jobs
+            or size + weight > most_bytes
+            or job.priority != current[0].priority
+        ):
             chunks.append(current)
             current, size = [], 0
         current.append(job)
@@ -334,11 +409,12 @@ _ORIGIN = f"{os.getpid()}@{socket.gethostname()}"
 
 
 class Message(NamedTuple):
-    """An encoded message: its Celery task id, kombu delivery tag, and raw envelope."""
+    """An encoded message: its Celery task id, kombu delivery tag, raw envelope, priority."""
 
     id: str
     tag: str
     raw: str
+    priority: str = "normal"
 
 
 def encode_message(jobs: list[Job], queue: str, message_id: str | None = None) -> str:
@@ -363,12 +439,22 @@ def build_message(
     alone: bool = False,
     signer: BodySigner | None = None,
 ) -> Message:
-    """A Celery protocol-2 task message for ``jobs``, in kombu's Redis envelope.
+    """A Celery protocol-2 task message for ``jobs`` (all of one priority: the first's).
 
     Written by hand rather than through kombu so a producer can push many messages in one
     Redis pipeline without importing Celery. The integration tests prove a stock Celery
     worker consumes it.
     """
+    return _build_message(jobs, queue, message_id, alone, signer)
+
+
+def _build_message(
+    jobs: list[Job],
+    queue: str,
+    message_id: str | None,
+    alone: bool,
+    signer: BodySigner | None,
+) -> Message:
     if not jobs:
         raise ValueError("a message carries at least one job")
     task_id = message_id or (jobs[0].id if len(jobs) == 1 else new_job_id())
@@ -414,11 +500,11 @@ def build_message(
             "reply_to": "",
             "delivery_mode": 2,
             "delivery_info": {"exchange": "", "routing_key": queue},
-            "priority": 0,
+            "priority": PRIORITIES[jobs[0].priority],
             "delivery_tag": tag,
         },
     }
-    return Message(task_id, tag, json.dumps(envelope))
+    return Message(task_id, tag, json.dumps(envelope), jobs[0].priority)
 
 
 @dataclass(frozen=True)
@@ -453,6 +539,18 @@ class JobResult:
         if isinstance(job, Job):
             return cls(job.id, FAILURE, model or job.model, version or job.version, error=error)
         return cls(job, FAILURE, model, version, error=error)
+
+    @classmethod
+    def expired(cls, job: Job) -> JobResult:
+        """The EXPIRED result of a job whose deadline passed before its batch started."""
+        return cls(job.id, EXPIRED, job.model, job.version,
+                   error=f"its deadline of {job.deadline_s:g} s passed before it was started; "
+                   "it was not computed")  # fmt: skip
+
+    @classmethod
+    def cancelled(cls, job_id: str) -> JobResult:
+        """The CANCELLED result a client stores to withdraw a job."""
+        return cls(job_id, CANCELLED, error="cancelled before it was computed")
 
     def to_dict(self) -> dict[str, Any]:
         """The result dict users see (see the README)."""

@@ -26,7 +26,15 @@ from redis.retry import Retry
 from producer.errors import BatcheryError, ConfigError
 from producer.registry import ModelInfo, Registry
 from producer.settings import Settings, redact_url
-from producer.wire import TASK_CLASSIFY, UNACKED_KEY, deaths_key, heartbeat_key, result_key
+from producer.wire import (
+    PRIORITIES,
+    TASK_CLASSIFY,
+    UNACKED_KEY,
+    deaths_key,
+    heartbeat_key,
+    queue_key,
+    result_key,
+)
 from worker import logs, metrics, preprocess
 from worker.batching import BATCH_DONE, DynamicBatches
 from worker.compat import check_libraries
@@ -178,6 +186,8 @@ def create_app(settings: Settings) -> Celery:
             "max_message_bytes": settings.message_limit,
             "prefetch_jobs": settings.prefetch_job_limit,
             "prefetch_bytes": settings.prefetch_bytes,
+            # Room for high jobs beyond that, so bulk work held can't keep them waiting.
+            "prefetch_high_jobs": 2 * settings.batch_size * settings.concurrency,
         },
         # A dead pool process's batch is requeued after this wait (Celery's default: 10 s).
         # Results it stored before dying are kept: a redelivered job is not recomputed.
@@ -246,10 +256,11 @@ def run_worker(settings: Settings, loglevel: str = "INFO") -> None:
 
         def read_queue() -> tuple[int, int]:
             with queue_reader.pipeline(transaction=False) as pipe:
-                pipe.llen(settings.queue)
+                for priority in PRIORITIES:
+                    pipe.llen(queue_key(settings.queue, priority))
                 pipe.hlen(UNACKED_KEY)
-                depth, in_flight = pipe.execute()
-            return int(depth), int(in_flight)
+                *depths, in_flight = pipe.execute()
+            return sum(int(d) for d in depths), int(in_flight)
 
         metrics.serve(settings, read_queue)
         atexit.register(metrics.clean_up)

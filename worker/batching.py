@@ -12,6 +12,9 @@ things:
   free, which then takes the next batch at once.
 - A message marked ``alone`` (a job whose worker died, sent back by itself) makes a batch of
   its own: merged with others it would be sent back again, and could take them down.
+- Buffered messages are batched by priority, high first (one batch in eight starts with
+  normal work, one with low, when some waits): a high job that arrives behind buffered
+  bulk work goes in the next batch.
 - Task events (received, started, succeeded; retried when requeued) are sent per message,
   as Celery's own strategy sends them, so Flower and ``celery events`` see the tasks;
   celery-batches sends none.
@@ -32,14 +35,13 @@ import logging
 import time
 from collections import deque
 from collections.abc import Callable, Collection
-from queue import Empty
 from typing import Any
 
 from billiard.exceptions import TimeLimitExceeded, WorkerLostError
 from celery_batches import Batches, SimpleRequest
 from celery_batches.trace import apply_batches_task
 
-from producer.wire import job_ids_in, runs_alone
+from producer.wire import PRIORITIES, job_ids_in, priority_of, runs_alone
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +63,17 @@ def jobs_in(request: Any) -> int:
     kwargs = request_kwargs(request)
     jobs = kwargs.get("jobs") if isinstance(kwargs, dict) else None
     return max(1, len(jobs)) if isinstance(jobs, list) else 1
+
+
+def request_priority(request: Any) -> str:
+    """A buffered Celery request's priority (``normal`` if it can't be read)."""
+    info = getattr(request, "delivery_info", None)
+    return priority_of(info.get("priority") if isinstance(info, dict) else None)
+
+
+#: The order priorities are batched in, and the batches (of eight) that start lower.
+BATCH_ORDER = ("high", "normal", "low")
+BATCH_SHARE = {3: ("normal", "low", "high"), 7: ("low", "normal", "high")}
 
 
 def unwrap(error: Any) -> Any:
@@ -92,7 +105,9 @@ class DynamicBatches(Batches):
         self._busy = 0
         self._generation = 0
         # A request taken from the buffer that must start the next batch (see _next_batch).
-        self._carry: deque[Any] = deque()
+        # Buffered requests by priority, in arrival order within each (see _next_batch).
+        self._waiting: dict[str, deque[Any]] = {level: deque() for level in PRIORITIES}
+        self._batches = 0
         self._timer: Any = None
         # Message id -> failed tries here, for the pause before it is given back.
         self._tries: dict[str, int] = {}
@@ -107,7 +122,8 @@ class DynamicBatches(Batches):
         """
         self._generation += 1
         self._busy = 0
-        self._carry.clear()
+        for waiting in self._waiting.values():
+            waiting.clear()
         while not self._buffer.empty():
             self._buffer.get_nowait()
         if self._tref is not None:
@@ -141,7 +157,7 @@ class DynamicBatches(Batches):
             if not batch:
                 break
             self.flush(batch)
-        if self._buffer.empty() and not self._carry and self._tref is not None:
+        if self._buffer.empty() and not any(self._waiting.values()) and self._tref is not None:
             self._tref.cancel()
             self._tref = None
 
@@ -155,30 +171,35 @@ class DynamicBatches(Batches):
             log.warning("task event %s not sent: %s", kind, exc)
 
     def _next_batch(self) -> list[Any]:
-        """Buffered requests for one batch: up to ``flush_every`` jobs, or one ``alone``."""
+        """Buffered requests for one batch: up to ``flush_every`` jobs, or one ``alone``.
+
+        Higher priorities first, except one batch in eight that starts with normal work and
+        one that starts with low work, when there is some: lower work is never starved.
+        """
+        while not self._buffer.empty():
+            request = self._buffer.get_nowait()
+            self._waiting[request_priority(request)].append(request)
+        order = BATCH_SHARE.get((self._batches + 1) % 8, BATCH_ORDER)
         batch: list[Any] = []
         jobs = 0
-        while jobs < self.flush_every:
-            if self._carry:
-                request = self._carry.popleft()
-            else:
-                try:
-                    request = self._buffer.get_nowait()
-                except Empty:
-                    break
-            if runs_alone(request_kwargs(request)):
-                if batch:
-                    self._carry.append(request)
-                    break
-                return [request]
-            batch.append(request)
-            jobs += jobs_in(request)
+        for level in order:
+            waiting = self._waiting[level]
+            while waiting and jobs < self.flush_every:
+                if runs_alone(request_kwargs(waiting[0])):
+                    if not batch:
+                        batch.append(waiting.popleft())
+                    self._batches += 1
+                    return batch  # an alone one makes a batch by itself
+                request = waiting.popleft()
+                batch.append(request)
+                jobs += jobs_in(request)
+        self._batches += bool(batch)
         return batch
 
     def _buffered_jobs(self) -> int:
         # The buffer holds at most the prefetch count of messages: a short sum.
-        waiting = list(self._carry) + list(self._buffer.queue)
-        return sum(jobs_in(request) for request in waiting)
+        waiting = [r for level in self._waiting.values() for r in level]
+        return sum(jobs_in(request) for request in waiting + list(self._buffer.queue))
 
     def flush(self, requests: Collection[Any]) -> Any:
         """Hand the requests to a pool process; ack on success, requeue on failure."""

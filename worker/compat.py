@@ -43,7 +43,8 @@ def check_libraries() -> None:
     from kombu.transport import redis as kombu_redis
 
     _require(kombu_redis.Channel, "kombu.transport.redis.Channel",
-             "_brpop_read", "_flush_brpop_reauth", "_queue_cycle", "sep", "QoS")  # fmt: skip
+             "_brpop_read", "_brpop_start", "_flush_brpop_reauth", "_queue_cycle",
+             "_q_for_pri", "brpop_timeout", "global_keyprefix", "sep", "QoS")  # fmt: skip
     _require(kombu_redis.QoS, "kombu.transport.redis.QoS",
              "append", "ack", "reject", "restore_unacked", "can_consume")  # fmt: skip
     for option in ("unacked_restore_interval", "unacked_restore_throttle"):

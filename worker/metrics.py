@@ -7,7 +7,7 @@ forks), and serves their sum on that port, together with the queue depth read fr
 scrape time. Without it, nothing is recorded or served.
 
 Metric names (the Grafana dashboard in deploy/ uses exactly these; a test checks it):
-``batchery_jobs_total{model,version,status}``, ``batchery_batch_size`` (images in one
+``batchery_jobs_total{model,version,status,priority}``, ``batchery_batch_size`` (images in one
 forward pass), ``batchery_inference_seconds`` (one forward pass),
 ``batchery_queue_wait_seconds`` (submit to the start of the job's batch),
 ``batchery_end_to_end_seconds`` (submit to result stored),
@@ -55,7 +55,7 @@ class Metrics:
         from prometheus_client import Counter, Histogram
 
         self.jobs = Counter(
-            "batchery_jobs", "Jobs answered", ["model", "version", "status"]
+            "batchery_jobs", "Jobs answered", ["model", "version", "status", "priority"]
         )  # fmt: skip
         self.batch_size = Histogram(
             "batchery_batch_size", "Images in one forward pass", buckets=_BATCH_BUCKETS

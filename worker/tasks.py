@@ -13,6 +13,7 @@ import logging
 import time
 from collections import Counter, defaultdict
 from collections.abc import Callable, Collection, Sequence
+from dataclasses import replace
 from typing import Any, Protocol
 
 import numpy as np
@@ -24,6 +25,7 @@ from producer.settings import Settings
 from producer.signing import Signer
 from producer.wire import (
     DEAD_LETTER_KEY,
+    EXPIRED,
     FAILURE,
     STATS_KEY,
     SUCCESS,
@@ -128,7 +130,10 @@ class BatchRunner:
             if refused:
                 log.warning("message %s: %d jobs refused, first: %s", excerpt(request.id, 64),
                             len(refused), refused[0].reason)  # fmt: skip
+            default = self.settings.default_deadline_s
             for job in valid:
+                if default is not None and job.deadline_s is None:
+                    job = replace(job, deadline_s=default)
                 jobs.setdefault(job.id, job)
         refused_ids = {result.job_id for result in results}
         return [job for jid, job in jobs.items() if jid not in refused_ids], results, unanswerable
@@ -138,10 +143,15 @@ class BatchRunner:
         answered, deaths = self._history(jobs)
         fresh = [job for job in jobs if job.id not in answered]
         if answered:
-            log.info("skipped %d redelivered jobs already answered", len(answered))
+            log.info("skipped %d jobs already answered or cancelled", len(answered))
             counted = [deaths_key(jid) for jid in answered if jid in deaths]
             if counted:  # they died after answering: nothing to hold against them
                 self.redis.delete(*counted)
+        # Deadlines are checked here, where the batch already read Redis: free for the rest.
+        now = time.time()
+        expired = [job for job in fresh if job.expired(now)]
+        if expired:
+            fresh = [job for job in fresh if not job.expired(now)]
         kills = self.settings.poison_kills
         poison = [job for job in fresh if deaths.get(job.id, 0) >= kills]
         suspects = [job for job in fresh if 0 < deaths.get(job.id, 0) < kills]
@@ -151,7 +161,8 @@ class BatchRunner:
             suspects = []
         held = {job.id for job in poison} | {job.id for job in suspects}
         runnable = [job for job in fresh if job.id not in held]
-        return self.fail_poison(poison, deaths) + self.classify(runnable)
+        late = [JobResult.expired(job) for job in expired]
+        return late + self.fail_poison(poison, deaths) + self.classify(runnable)
 
     def report(self, jobs: Sequence[Job], results: Sequence[JobResult], started: float) -> None:
         """Log the batch (one line, with every job id) and record its metrics."""
@@ -169,8 +180,12 @@ class BatchRunner:
         )  # fmt: skip
         if self.metrics is None:
             return
-        # One increment per (model, version, status), not per job: a batch has few of them.
-        outcomes = Counter((*self._label(r.model, r.version), r.status) for r in results)
+        # One increment per (model, version, status, priority), not per job: few in a batch.
+        priorities = {job.id: job.priority for job in jobs}
+        outcomes = Counter(
+            (*self._label(r.model, r.version), r.status, priorities.get(r.job_id, "normal"))
+            for r in results
+        )
         for labels, count in outcomes.items():
             self.metrics.jobs.labels(*labels).inc(count)
         answered = {result.job_id for result in results}
@@ -361,7 +376,7 @@ def store_results(
             result_key(result.job_id),
             encode_result_meta(result),
             0 if result.job_id in quiet else 1,
-            1 if result.status == FAILURE else 0,
+            STAT_OF[result.status],
         ]
     with client.pipeline(transaction=False) as pipe:
         pipe.eval(_STORE, 1, STATS_KEY, *args)
@@ -371,27 +386,37 @@ def store_results(
         pipe.execute()
 
 
-# KEYS[1]: the stats hash. ARGV: ttl, now, batches, refused, then key, meta, notify, failed
-# per result.
+#: The stats counter of each status a worker stores.
+STAT_OF = {SUCCESS: "done", FAILURE: "failed", EXPIRED: "expired"}
+
+# KEYS[1]: the stats hash. ARGV: ttl, now, batches, refused, then key, meta, notify, counter
+# per result. A result already there is kept; if it is a cancellation, this one was computed
+# for nothing (counted as cancelled_late), else it was computed twice.
 _STORE = """
-local done, failed, twice = 0, 0, 0
+local counts = {done = 0, failed = 0, expired = 0}
+local twice, late = 0, 0
 for i = 5, #ARGV, 4 do
   if redis.call('SET', ARGV[i], ARGV[i + 1], 'EX', tonumber(ARGV[1]), 'NX') then
     if ARGV[i + 2] == '1' then redis.call('PUBLISH', ARGV[i], ARGV[i + 1]) end
-    if ARGV[i + 3] == '1' then failed = failed + 1 else done = done + 1 end
+    counts[ARGV[i + 3]] = counts[ARGV[i + 3]] + 1
+  elseif string.find(redis.call('GET', ARGV[i]) or '', '"status": "CANCELLED"', 1, true) then
+    late = late + 1
   else
     twice = twice + 1
   end
 end
+local done, failed = counts['done'], counts['failed']
 redis.call('HINCRBY', KEYS[1], 'done', done)
 redis.call('HINCRBY', KEYS[1], 'failed', failed)
+if counts['expired'] > 0 then redis.call('HINCRBY', KEYS[1], 'expired', counts['expired']) end
 if twice > 0 then redis.call('HINCRBY', KEYS[1], 'computed_twice', twice) end
+if late > 0 then redis.call('HINCRBY', KEYS[1], 'cancelled_late', late) end
 if ARGV[4] ~= '0' then redis.call('HINCRBY', KEYS[1], 'refused', tonumber(ARGV[4])) end
 if ARGV[3] == '1' then
   redis.call('HINCRBY', KEYS[1], 'batches', 1)
   redis.call('HSET', KEYS[1], 'last_batch_at', ARGV[2])
 end
-return done + failed
+return done + failed + counts['expired']
 """
 
 

@@ -10,6 +10,11 @@
 - Prefetch is counted in jobs and bytes, not messages (:class:`WeighedQoS`): a worker holds
   at most ``prefetch_jobs`` jobs and ``prefetch_bytes`` bytes of messages taken but not yet
   answered (always at least one message), whether they come one job to a message or 256.
+- Priorities (``producer.wire.PRIORITIES``): each poll takes from the high list first, then
+  normal, then low, except one poll in eight that looks at normal first and one that looks
+  at low first, so lower work is never starved while higher work keeps coming. A worker
+  full of bulk work still takes high jobs: ``prefetch_high_jobs`` more, from the high list
+  alone.
 
 It overrides kombu 5.7's ``Channel._brpop_read`` and ``QoS``; ``worker.compat`` refuses to
 start on a kombu whose insides differ.
@@ -18,13 +23,21 @@ start on a kombu whose insides differ.
 from __future__ import annotations
 
 import logging
+from time import monotonic
 from typing import Any
 
 from kombu.transport import redis as kombu_redis
 from kombu.utils.encoding import bytes_to_str
 from kombu.utils.json import loads
 
-from producer.wire import jobs_in_headers
+from producer.wire import PRIORITIES, jobs_in_headers, priority_of
+
+#: kombu priority numbers of the lists a worker reads, highest priority first (kombu's 9,
+#: which only a stock Celery producer would use, is read as low).
+HIGH, NORMAL, LOW = PRIORITIES["high"], PRIORITIES["normal"], PRIORITIES["low"]
+TAKE_ORDER = (HIGH, NORMAL, LOW, 9)
+#: In every eight polls, one looks at normal work first and one at low work first.
+SHARE = {3: (NORMAL, LOW, 9, HIGH), 7: (LOW, 9, NORMAL, HIGH)}
 
 log = logging.getLogger(__name__)
 
@@ -34,35 +47,42 @@ class WeighedQoS(kombu_redis.QoS):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self._weights: dict[Any, tuple[int, int]] = {}
+        self._weights: dict[Any, tuple[int, int, bool]] = {}
         self._jobs = 0
         self._bytes = 0
+        self._high_jobs = 0
 
-    def can_consume(self) -> bool:
-        """Room for one more message: under the message count, the jobs and the bytes."""
-        if not self._weights:
-            return True
+    def full(self) -> bool:
+        """Whether the jobs and bytes held have reached the prefetch bounds."""
         channel = self.channel
-        return bool(
+        return bool(self._weights) and not (
             super().can_consume()
             and self._jobs < channel.prefetch_jobs
             and self._bytes < channel.prefetch_bytes
         )
 
+    def can_consume(self) -> bool:
+        """Room for one more message, or (when full of other work) for one more high one."""
+        return not self.full() or self._high_jobs < self.channel.prefetch_high_jobs
+
     def can_consume_max_estimate(self) -> int | None:
         return 1 if self.can_consume() else 0
 
     def append(self, message: Any, delivery_tag: Any) -> None:
-        weight = (jobs_in_headers(message.headers), len(message.body or ""))
+        properties = message.properties if isinstance(message.properties, dict) else {}
+        high = priority_of(properties.get("priority")) == "high"
+        weight = (jobs_in_headers(message.headers), len(message.body or ""), high)
         super().append(message, delivery_tag)
         self._weights[delivery_tag] = weight
         self._jobs += weight[0]
         self._bytes += weight[1]
+        self._high_jobs += weight[0] if high else 0
 
     def _unweigh(self, delivery_tag: Any) -> None:
-        jobs, size = self._weights.pop(delivery_tag, (0, 0))
+        jobs, size, high = self._weights.pop(delivery_tag, (0, 0, False))
         self._jobs -= jobs
         self._bytes -= size
+        self._high_jobs -= jobs if high else 0
 
     def ack(self, delivery_tag: Any) -> None:
         super().ack(delivery_tag)
@@ -75,7 +95,7 @@ class WeighedQoS(kombu_redis.QoS):
     def restore_unacked(self, client: Any = None) -> None:
         super().restore_unacked(client)
         self._weights.clear()
-        self._jobs = self._bytes = 0
+        self._jobs = self._bytes = self._high_jobs = 0
 
 
 class Channel(kombu_redis.Channel):
@@ -86,12 +106,38 @@ class Channel(kombu_redis.Channel):
     max_message_bytes = 1 << 62
     prefetch_jobs = 1 << 62
     prefetch_bytes = 1 << 62
+    prefetch_high_jobs = 1 << 62
     from_transport_options = (  # type: ignore[assignment]
         *kombu_redis.Channel.from_transport_options,
         "max_message_bytes",
         "prefetch_jobs",
         "prefetch_bytes",
+        "prefetch_high_jobs",
     )
+    _polls = 0
+
+    def take_order(self) -> tuple[int, ...]:
+        """The priority lists this poll reads, in order (see the module docstring)."""
+        if self.qos.full():  # held for other work: high jobs only, up to their reserve
+            return (HIGH,)
+        self._polls += 1
+        return SHARE.get(self._polls % 8, TAKE_ORDER)
+
+    def _brpop_start(self, timeout: Any = None) -> None:
+        # kombu 5.7's own, reading the priority lists in take_order()'s order rather than
+        # always highest first.
+        if timeout is None:
+            timeout = self.brpop_timeout
+        queues = self._queue_cycle.consume(len(self.active_queues))
+        if not queues:
+            return
+        keys = [self._q_for_pri(queue, pri) for pri in self.take_order() for queue in queues]
+        self._in_poll = self.client.connection
+        self._brpop_sent_at = monotonic()  # type: ignore[assignment]
+        command_args = ["BRPOP", *keys, timeout or 0]
+        if self.global_keyprefix:
+            command_args = self.client._prefix_args(command_args)
+        self.client.connection.send_command(*command_args)
 
     def _brpop_read(self, **options: Any) -> bool:
         # kombu 5.7's own, with the size check and the refusal of what isn't an envelope.

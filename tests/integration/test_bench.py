@@ -15,6 +15,7 @@ from bench.run import (
     run_bulk,
     run_limit,
     run_lone,
+    run_mixed,
     run_online,
     run_tutorial,
     table,
@@ -47,8 +48,12 @@ def test_every_way_answers_every_image(redis_server, worker, client: Client, ima
     assert len(rows[0].latencies or []) == 10 and len(rows[1].latencies or []) == 100
     assert 20_000_000 < producer_rss < 1_000_000_000
     assert worker_peak_rss(worker) > 100_000_000  # TensorFlow and a model are loaded
+    mixed = run_mixed(client, redis_server.url, images[0].parent.parent, len(images), {},
+                      "high", bulk)  # fmt: skip
+    assert mixed.name.startswith("(m)") and mixed.images >= 1 and "of (d) alone" in mixed.note
+    rows.append(mixed)
     text = table(rows, "reference", 1)
-    assert text.count("\n| (") == 6 and "| way | images | img/s | p50 ms | p99 ms |" in text
+    assert text.count("\n| (") == 7 and "| way | images | img/s | p50 ms | p99 ms |" in text
 
 
 def test_mobilenet_images_are_224_rgb_jpegs(tmp_path) -> None:

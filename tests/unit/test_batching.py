@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 
-from producer.wire import Job, jobs_to_kwargs
+from producer.wire import PRIORITIES, Job, jobs_to_kwargs
 from worker.batching import DynamicBatches
 
 
@@ -119,3 +119,35 @@ def test_a_batch_past_its_time_limit_counts_as_a_death_and_goes_back_at_once(
     except TimeLimitExceeded:
         submitted[-1]["error_callback"](ExceptionInfo())
     assert deaths == [["a", "b"]] and request.fate == "requeued"
+
+
+def prioritized(name: str, n_jobs: int, priority: str) -> SimpleNamespace:
+    request = message(name, n_jobs)
+    request.delivery_info = {"priority": PRIORITIES[priority]}
+    return request
+
+
+def test_buffered_work_is_batched_high_first() -> None:
+    task = buffered(RecordingBatches(slots=1, batch_size=4),
+                    prioritized("bulk-1", 4, "low"), prioritized("n", 1, "normal"),
+                    prioritized("bulk-2", 4, "low"), prioritized("h1", 1, "high"),
+                    prioritized("h2", 1, "high"))  # fmt: skip
+    for _ in range(2):
+        task._busy = 0
+        task._do_flush()
+    # High, then normal, then low; a batch fills up to 4 jobs, never splitting a message.
+    assert task.batches == [["h1", "h2", "n", "bulk-1"], ["bulk-2"]]
+
+
+def test_low_work_is_not_starved_by_a_steady_stream_of_high_work() -> None:
+    task = RecordingBatches(slots=1, batch_size=1)
+    task._buffer.put_nowait(prioritized("low", 1, "low"))
+    task._buffer.put_nowait(prioritized("normal", 1, "normal"))
+    for i in range(8):
+        task._buffer.put_nowait(prioritized(f"high-{i}", 1, "high"))
+        task._busy = 0
+        task._do_flush()
+    batched = [b[0] for b in task.batches]
+    # One batch in eight starts with normal work, one with low: both within eight batches.
+    assert "low" in batched and "normal" in batched
+    assert batched.index("normal") < 4 and batched.index("low") < 8

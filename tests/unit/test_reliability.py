@@ -106,14 +106,20 @@ def test_status_reads_depth_flight_workers_counts_and_dead_letters(fake_redis) -
     client.submit_many(digit_paths(3))
     fake_redis.hset("unacked", "tag", "x")
     fake_redis.set(heartbeat_key("host:1"), "1", ex=10)
-    fake_redis.hset(STATS_KEY, mapping={"done": 5, "failed": 1, "batches": 2,
-                                        "computed_twice": 3, "refused": 4})  # fmt: skip
+    fake_redis.hset(STATS_KEY, mapping={"done": 5, "failed": 1, "batches": 2, "cancelled": 6,
+                                        "expired": 7, "computed_twice": 3, "cancelled_late": 8,
+                                        "refused": 4})  # fmt: skip
     fake_redis.lpush(DEAD_LETTER_KEY, "{}")
     status = collect(client)
     assert status == {
         "redis": "redis://:***@h:6379/0", "queue": "batchery", "queue_depth": 1,
+        "queue_depth_by_priority": {"high": 0, "normal": 1, "low": 0},
         "in_flight": 1, "workers_alive": 1, "workers": ["host:1"], "done": 5, "failed": 1,
-        "batches": 2, "computed_twice": 3, "refused": 4, "dead_letters": 1,
+        "batches": 2, "cancelled": 6, "expired": 7, "computed_twice": 3, "cancelled_late": 8,
+        "refused": 4, "dead_letters": 1,
     }  # fmt: skip
-    assert "1 messages waiting, 1 in flight" in render(status) and "pw" not in render(status)
-    assert "3 computed twice (answered once), 4 refused without an id" in render(status)
+    shown = render(status)
+    assert "1 messages waiting (high 0, normal 1, low 0), 1 in flight" in shown
+    assert "5 done, 1 failed, 6 cancelled, 7 expired, in 2 batches" in shown
+    assert "3 computed twice (answered once), 8 computed after being cancelled" in shown
+    assert "4 refused without an id" in shown and "pw" not in shown
