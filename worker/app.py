@@ -186,8 +186,6 @@ def create_app(settings: Settings) -> Celery:
             "max_message_bytes": settings.message_limit,
             "prefetch_jobs": settings.prefetch_job_limit,
             "prefetch_bytes": settings.prefetch_bytes,
-            # Room for high jobs beyond that, so bulk work held can't keep them waiting.
-            "prefetch_high_jobs": 2 * settings.batch_size * settings.concurrency,
         },
         # A dead pool process's batch is requeued after this wait (Celery's default: 10 s).
         # Results it stored before dying are kept: a redelivered job is not recomputed.

@@ -76,6 +76,26 @@ BATCH_ORDER = ("high", "normal", "low")
 BATCH_SHARE = {3: ("normal", "low", "high"), 7: ("low", "normal", "high")}
 
 
+def _take_high_now(requests: list[Any]) -> None:
+    """Before a freed pool process takes its next batch: a high job waiting in Redis now
+    joins it (see worker.transport.Channel.take_high_now)."""
+    message: Any = getattr(requests[0], "message", None) if requests else None
+    take = getattr(getattr(message, "channel", None), "take_high_now", None)
+    if take is not None:
+        try:
+            take()
+        except Exception:  # never cost a batch its acknowledgement
+            log.exception("could not look for a waiting high job")
+
+
+def _started(request: Any) -> None:
+    """Tell the channel's QoS a message left the buffer (see worker.transport.WeighedQoS)."""
+    message: Any = getattr(request, "message", None)
+    started = getattr(getattr(getattr(message, "channel", None), "qos", None), "started", None)
+    if started is not None:
+        started(message.delivery_tag)
+
+
 def unwrap(error: Any) -> Any:
     """The exception inside billiard's wrappers (ExceptionInfo, ExceptionWithTraceback)."""
     for attribute in ("exception", "exc"):
@@ -173,8 +193,8 @@ class DynamicBatches(Batches):
     def _next_batch(self) -> list[Any]:
         """Buffered requests for one batch: up to ``flush_every`` jobs, or one ``alone``.
 
-        Higher priorities first, except one batch in eight that starts with normal work and
-        one that starts with low work, when there is some: lower work is never starved.
+        One priority a batch, higher first, except one batch in eight that takes normal work
+        and one that takes low work, when there is some: lower work is never starved.
         """
         while not self._buffer.empty():
             request = self._buffer.get_nowait()
@@ -182,17 +202,16 @@ class DynamicBatches(Batches):
         order = BATCH_SHARE.get((self._batches + 1) % 8, BATCH_ORDER)
         batch: list[Any] = []
         jobs = 0
-        for level in order:
-            waiting = self._waiting[level]
-            while waiting and jobs < self.flush_every:
-                if runs_alone(request_kwargs(waiting[0])):
-                    if not batch:
-                        batch.append(waiting.popleft())
-                    self._batches += 1
-                    return batch  # an alone one makes a batch by itself
-                request = waiting.popleft()
-                batch.append(request)
-                jobs += jobs_in(request)
+        # One priority a batch: a high job never waits for bulk work batched with it.
+        waiting = next((self._waiting[level] for level in order if self._waiting[level]), None)
+        while waiting and jobs < self.flush_every:
+            if runs_alone(request_kwargs(waiting[0])):
+                if not batch:
+                    batch.append(waiting.popleft())
+                break  # an alone one makes a batch by itself
+            request = waiting.popleft()
+            batch.append(request)
+            jobs += jobs_in(request)
         self._batches += bool(batch)
         return batch
 
@@ -229,6 +248,7 @@ class DynamicBatches(Batches):
                 log.error("batch of %d messages requeued%s: %s", len(requests),
                           f" in {pause:g} s" if pause else "", reason)  # fmt: skip
                 self._requeue(requests, reason, pause)
+            _take_high_now(requests)
             self._do_flush()
 
         def on_return(result: Any) -> None:
@@ -255,6 +275,7 @@ class DynamicBatches(Batches):
         )
         for request in requests:
             self._event("task-started", request.id)
+            _started(request)
         return result
 
     def _pause(self, requests: list[Any]) -> float:

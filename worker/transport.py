@@ -8,13 +8,14 @@
   else is lost.
 - A message over ``max_message_bytes`` is dropped before it is parsed, the same way.
 - Prefetch is counted in jobs and bytes, not messages (:class:`WeighedQoS`): a worker holds
-  at most ``prefetch_jobs`` jobs and ``prefetch_bytes`` bytes of messages taken but not yet
-  answered (always at least one message), whether they come one job to a message or 256.
+  at most ``prefetch_jobs`` jobs and ``prefetch_bytes`` bytes of messages waiting for a pool
+  process (always at least one message), whether they come one job to a message or 256,
+  besides the batches running.
 - Priorities (``producer.wire.PRIORITIES``): each poll takes from the high list first, then
   normal, then low, except one poll in eight that looks at normal first and one that looks
   at low first, so lower work is never starved while higher work keeps coming. A worker
-  full of bulk work still takes high jobs: ``prefetch_high_jobs`` more, from the high list
-  alone.
+  full of other work takes a waiting high job as each batch finishes (``take_high_now``),
+  so it goes in the next batch.
 
 It overrides kombu 5.7's ``Channel._brpop_read`` and ``QoS``; ``worker.compat`` refuses to
 start on a kombu whose insides differ.
@@ -30,7 +31,7 @@ from kombu.transport import redis as kombu_redis
 from kombu.utils.encoding import bytes_to_str
 from kombu.utils.json import loads
 
-from producer.wire import PRIORITIES, jobs_in_headers, priority_of
+from producer.wire import PRIORITIES, jobs_in_headers
 
 #: kombu priority numbers of the lists a worker reads, highest priority first (kombu's 9,
 #: which only a stock Celery producer would use, is read as low).
@@ -47,42 +48,44 @@ class WeighedQoS(kombu_redis.QoS):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self._weights: dict[Any, tuple[int, int, bool]] = {}
+        self._weights: dict[Any, tuple[int, int]] = {}
         self._jobs = 0
         self._bytes = 0
-        self._high_jobs = 0
 
-    def full(self) -> bool:
-        """Whether the jobs and bytes held have reached the prefetch bounds."""
+    def can_consume(self) -> bool:
+        """Room for one more message: under the message count, the jobs and the bytes."""
+        if not self._weights:
+            return True
         channel = self.channel
-        return bool(self._weights) and not (
+        return bool(
             super().can_consume()
             and self._jobs < channel.prefetch_jobs
             and self._bytes < channel.prefetch_bytes
         )
 
-    def can_consume(self) -> bool:
-        """Room for one more message, or (when full of other work) for one more high one."""
-        return not self.full() or self._high_jobs < self.channel.prefetch_high_jobs
-
     def can_consume_max_estimate(self) -> int | None:
         return 1 if self.can_consume() else 0
 
     def append(self, message: Any, delivery_tag: Any) -> None:
-        properties = message.properties if isinstance(message.properties, dict) else {}
-        high = priority_of(properties.get("priority")) == "high"
-        weight = (jobs_in_headers(message.headers), len(message.body or ""), high)
+        weight = (jobs_in_headers(message.headers), len(message.body or ""))
         super().append(message, delivery_tag)
         self._weights[delivery_tag] = weight
         self._jobs += weight[0]
         self._bytes += weight[1]
-        self._high_jobs += weight[0] if high else 0
+
+    def started(self, delivery_tag: Any) -> None:
+        """The message's jobs left the buffer for a pool process: they no longer count.
+
+        What a worker holds is then its prefetch (jobs waiting in the buffer) plus the
+        batches running (one per pool process), and a poll can take the next message, high
+        ones first, while every pool process is busy.
+        """
+        self._unweigh(delivery_tag)
 
     def _unweigh(self, delivery_tag: Any) -> None:
-        jobs, size, high = self._weights.pop(delivery_tag, (0, 0, False))
+        jobs, size = self._weights.pop(delivery_tag, (0, 0))
         self._jobs -= jobs
         self._bytes -= size
-        self._high_jobs -= jobs if high else 0
 
     def ack(self, delivery_tag: Any) -> None:
         super().ack(delivery_tag)
@@ -95,7 +98,7 @@ class WeighedQoS(kombu_redis.QoS):
     def restore_unacked(self, client: Any = None) -> None:
         super().restore_unacked(client)
         self._weights.clear()
-        self._jobs = self._bytes = self._high_jobs = 0
+        self._jobs = self._bytes = 0
 
 
 class Channel(kombu_redis.Channel):
@@ -106,22 +109,45 @@ class Channel(kombu_redis.Channel):
     max_message_bytes = 1 << 62
     prefetch_jobs = 1 << 62
     prefetch_bytes = 1 << 62
-    prefetch_high_jobs = 1 << 62
     from_transport_options = (  # type: ignore[assignment]
         *kombu_redis.Channel.from_transport_options,
         "max_message_bytes",
         "prefetch_jobs",
         "prefetch_bytes",
-        "prefetch_high_jobs",
     )
     _polls = 0
 
     def take_order(self) -> tuple[int, ...]:
         """The priority lists this poll reads, in order (see the module docstring)."""
-        if self.qos.full():  # held for other work: high jobs only, up to their reserve
-            return (HIGH,)
         self._polls += 1
         return SHARE.get(self._polls % 8, TAKE_ORDER)
+
+    def take_high_now(self) -> bool:
+        """Take one waiting high job's message at once, if there is one (a plain RPOP).
+
+        Called as a batch finishes, before the freed pool process gets its next batch: a high
+        job waiting in Redis while the worker is full of other work joins that batch rather
+        than waiting for the next. Delivered as a BRPOP's message is (recorded unacked).
+        """
+        for queue in self.active_queues:
+            try:
+                with self.conn_or_acquire() as client:
+                    item = client.rpop(self._q_for_pri(queue, HIGH))
+            except self.connection_errors:
+                return False
+            if item is None:
+                continue
+            if len(item) > self.max_message_bytes:
+                log.error("dropped a message of %d bytes, over the limit of %d", len(item),
+                          self.max_message_bytes)  # fmt: skip
+                return False
+            try:
+                self.connection._deliver(loads(bytes_to_str(item)), queue)
+            except (ValueError, TypeError, KeyError, AttributeError) as exc:
+                log.error("dropped a message that is not a kombu envelope (%s, %d bytes)",
+                          type(exc).__name__, len(item))  # fmt: skip
+            return True
+        return False
 
     def _brpop_start(self, timeout: Any = None) -> None:
         # kombu 5.7's own, reading the priority lists in take_order()'s order rather than

@@ -132,11 +132,11 @@ def test_buffered_work_is_batched_high_first() -> None:
                     prioritized("bulk-1", 4, "low"), prioritized("n", 1, "normal"),
                     prioritized("bulk-2", 4, "low"), prioritized("h1", 1, "high"),
                     prioritized("h2", 1, "high"))  # fmt: skip
-    for _ in range(2):
+    for _ in range(4):
         task._busy = 0
         task._do_flush()
-    # High, then normal, then low; a batch fills up to 4 jobs, never splitting a message.
-    assert task.batches == [["h1", "h2", "n", "bulk-1"], ["bulk-2"]]
+    # High, then normal, then low, one priority a batch: high work never waits for bulk.
+    assert task.batches == [["h1", "h2"], ["n"], ["bulk-1"], ["bulk-2"]]
 
 
 def test_low_work_is_not_starved_by_a_steady_stream_of_high_work() -> None:
