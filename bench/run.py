@@ -7,6 +7,8 @@
 (d) Batchery bulk: ``batchery classify`` over the files on disk;
 (e) the limit: the same model called in-process on the same decoded images, same batch size;
 (f) Ray Serve with ``@serve.batch`` over HTTP, when ray[serve] is installed;
+(d') and (e') with ``--optimized METHOD``: the same model optimised to LiteRT, in bulk and
+    in-process;
 (m) mixed load: a lone job every 50 ms at high priority while a ``classify`` of the files runs
     at its default (low) priority, and (m0) the same with everything at normal.
 """
@@ -90,11 +92,31 @@ def make_images(folder: Path, n: int, model: str) -> list[Path]:
     return paths
 
 
-def model_folder(model: str, workdir: Path) -> tuple[Registry, ModelInfo]:
-    """A registry holding the model under test."""
+def model_folder(
+    model: str, workdir: Path, optimized: str | None = None
+) -> tuple[Registry, ModelInfo, ModelInfo | None]:
+    """A registry holding the model under test, and its ``optimized`` version if asked."""
+    registry, info = _model_folder(model, workdir, private=optimized is not None)
+    if optimized is None:
+        return registry, info, None
+    from worker.optimize import optimize
+
+    calibration = workdir / "calibration"
+    for path in sorted(DIGITS.glob("*.png")):  # the example digits, <label>/ folders
+        (calibration / path.stem.split("_")[0]).mkdir(parents=True, exist_ok=True)
+        shutil.copy(path, calibration / path.stem.split("_")[0] / path.name)
+    return registry, info, optimize(registry, info, optimized, calibration_dir=calibration)
+
+
+def _model_folder(model: str, workdir: Path, private: bool) -> tuple[Registry, ModelInfo]:
     if model == "reference":
-        registry = Registry(Settings().model_dir)
-        return registry, registry.get("mnist-cnn")
+        shipped = Registry(Settings().model_dir).get("mnist-cnn")
+        if not private:
+            return Registry(Settings().model_dir), shipped
+        registry = Registry(workdir / "models")  # never publish into the repo's registry
+        info = registry.publish(shipped.file, "mnist-cnn", shipped.labels, shipped.input_shape,
+                                extra={"metrics": shipped.meta.get("metrics", {})})  # fmt: skip
+        return registry, info
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     import tensorflow as tf
 
@@ -266,10 +288,15 @@ def run_lone(client: Client, paths: list[Path], n: int = 200) -> Row:
                          lambda: client.result(client.submit(data), timeout=60))  # fmt: skip
 
 
-def run_bulk(url: str, folder: Path, n: int, env: dict[str, str]) -> tuple[Row, int]:
-    """(d) `batchery classify` over the files; returns the row and the producer's peak RSS."""
+def run_bulk(url: str, folder: Path, n: int, env: dict[str, str],
+             model: ModelInfo | None = None) -> tuple[Row, int]:  # fmt: skip
+    """(d) `batchery classify` over the files; returns the row and the producer's peak RSS.
+
+    With ``model``, (d') the same through that version (an optimised one)."""
     out = folder.parent / "bulk.jsonl"
     cmd = [sys.executable, "-m", "producer.cli", "classify", str(folder), "-o", str(out)]
+    if model is not None:
+        cmd += ["--model", model.key]
     started = time.perf_counter()
     proc = subprocess.Popen(cmd, env={**env, "BATCHERY_REDIS_URL": url},
                             stderr=subprocess.PIPE, text=True, cwd=ROOT)  # fmt: skip
@@ -283,7 +310,10 @@ def run_bulk(url: str, folder: Path, n: int, env: dict[str, str]) -> tuple[Row, 
         raise RuntimeError(f"classify failed: {stderr[-2000:]}")
     rows = sum(1 for _ in out.open())
     summary = stderr.strip().splitlines()[-1]
-    return Row("(d) Batchery bulk: classify files on disk", rows, seconds,
+    name = "(d) Batchery bulk: classify files on disk"
+    if model is not None:
+        name = f"(d') Batchery bulk, {model.meta['optimized']['method']} LiteRT {model.key}"
+    return Row(name, rows, seconds,
                note=f"incl. start-up; {summary.split(' in ')[-1]}"), peak  # fmt: skip
 
 
@@ -327,8 +357,10 @@ def run_limit(paths: list[Path], info: ModelInfo, batch_size: int, threads: int)
     started = time.perf_counter()
     model.predict(inputs)
     seconds = time.perf_counter() - started
-    return Row(f"(e) the limit: in-process, batch {batch_size}, {threads} threads",
-               len(paths), seconds)  # fmt: skip
+    name = f"(e) the limit: in-process, batch {batch_size}, {threads} threads"
+    if info.format == "litert":
+        name = f"(e') the limit, {info.meta['optimized']['method']} LiteRT, batch {batch_size}"
+    return Row(name, len(paths), seconds)
 
 
 def peak_rss(pid: int) -> int:
@@ -371,7 +403,8 @@ class _Rows(list[Row]):
 
 
 def run_bench(model: str, images: int, workers: int, chart: Path | None,
-              out: Callable[[str], None] = print) -> list[Row]:  # fmt: skip
+              out: Callable[[str], None] = print,
+              optimized: str | None = None) -> list[Row]:  # fmt: skip
     """Run every variant and print the table; write the chart if matplotlib is there."""
     workdir = Path(tempfile.mkdtemp(prefix="batchery-bench-"))
     rows = _Rows(out)
@@ -379,7 +412,7 @@ def run_bench(model: str, images: int, workers: int, chart: Path | None,
         out(f"preparing {images} {model} images in {workdir} ...")
         folder = workdir / "images"
         paths = make_images(folder, images, model)
-        registry, info = model_folder(model, workdir)
+        registry, info, fast = model_folder(model, workdir, optimized)
         small = paths[: min(len(paths), 300 if model == "reference" else 60)]
         medium = paths[: min(len(paths), 5000 if model == "reference" else 500)]
         batch = 64 if model == "reference" else 16
@@ -405,6 +438,9 @@ def run_bench(model: str, images: int, workers: int, chart: Path | None,
                 bulk, producer_rss = run_bulk(url, folder, images, env)
                 rows.append(bulk)
                 worker_rss = worker_peak_rss(worker)
+                if fast is not None:
+                    out("(d') ...")
+                    rows.append(run_bulk(url, folder, images, env, fast)[0])
                 out("(m) ...")
                 for urgent in ("high", "normal"):
                     rows.append(run_mixed(client, url, folder, images, env, urgent, bulk))
@@ -415,6 +451,8 @@ def run_bench(model: str, images: int, workers: int, chart: Path | None,
                           f"worker process {worker_rss / 2**20:.0f} MiB")  # fmt: skip
             out("(e) ...")
             rows.append(run_limit(medium, info, batch, threads=os.cpu_count() or 1))
+            if fast is not None:
+                rows.append(run_limit(medium, fast, batch, threads=os.cpu_count() or 1))
             ray_rows = run_ray(medium, info, batch, workers)
             if ray_rows:
                 out("(f) ...")

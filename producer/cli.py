@@ -104,7 +104,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--test-dir", type=Path, help="labeled folder to measure test accuracy on")
 
     models = sub.add_parser(
-        "models", help="the model registry: list, publish, promote, sign, evaluate"
+        "models", help="the model registry: list, publish, promote, optimize, sign, evaluate"
     )
     msub = models.add_subparsers(dest="models_command", required=True, metavar="ACTION")
     p = msub.add_parser("list", help="every version of every model")
@@ -124,6 +124,23 @@ def _parser() -> argparse.ArgumentParser:
     p = msub.add_parser("promote", help="serve VERSION of NAME to jobs that name no version")
     p.add_argument("name", metavar="NAME")
     p.add_argument("version", metavar="VERSION")
+    p.add_argument(
+        "--force", action="store_true",
+        help="promote an optimised version even if it scored over 1 point below its source",
+    )  # fmt: skip
+    p = msub.add_parser(
+        "optimize", help="convert a Keras version to LiteRT; publish it as the next version"
+    )
+    p.add_argument("model", metavar="NAME[@VERSION]")
+    p.add_argument("--to", required=True, choices=["float16", "dynamic-int8", "int8"])
+    p.add_argument(
+        "--calibration-dir", type=Path, metavar="DIR",
+        help="images in <label>/ folders for int8's representative dataset",
+    )  # fmt: skip
+    p.add_argument(
+        "--test-dir", type=Path, metavar="DIR",
+        help="labeled folder: record both versions' accuracy and their agreement",
+    )  # fmt: skip
     p = msub.add_parser(
         "sign", help="sign NAME's manifests with BATCHERY_SIGNING_KEY (you vouch for them)"
     )
@@ -154,6 +171,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--model", choices=["reference", "mobilenet"], default="reference")
     p.add_argument("--images", type=int, help="files to classify (20000; mobilenet 500)")
     p.add_argument("--workers", type=int, help="worker processes (default: the cores)")
+    p.add_argument(
+        "--optimized", choices=["float16", "dynamic-int8", "int8"],
+        help="also the model optimised to LiteRT by this method, in bulk and in-process",
+    )  # fmt: skip
     p.add_argument(
         "--chart",
         type=Path,
@@ -311,13 +332,21 @@ def _models(args: argparse.Namespace, settings: Settings) -> int:
                 )
         return 0
     if action == "promote":
-        registry.promote(args.name, args.version)
+        registry.promote(args.name, args.version, force=args.force)
         print(f"promoted {args.name}@{args.version}")
         return 0
     if action == "sign":
         signer = Registry(settings.model_dir, key=registry.key)  # vouches: reads unchecked
         signed = signer.sign(args.name, args.version)
         print(f"signed {args.name} versions {', '.join(signed)} and its {PROMOTED_FILE}")
+        return 0
+    if action == "optimize":
+        from worker.optimize import optimize
+
+        name, _, version = args.model.partition("@")
+        info = optimize(registry, registry.get(name, version or None), args.to,
+                        args.calibration_dir, args.test_dir)  # fmt: skip
+        print(json.dumps({"published": info.key, **info.meta["optimized"]}))
         return 0
     from worker.publish import evaluate, publish_model, read_labels
 
@@ -372,7 +401,8 @@ def _bench(args: argparse.Namespace, settings: Settings) -> int:
     from bench.run import run_bench
 
     images = args.images or (20000 if args.model == "reference" else 500)
-    run_bench(args.model, images, args.workers or os.cpu_count() or 1, args.chart)
+    run_bench(args.model, images, args.workers or os.cpu_count() or 1, args.chart,
+              optimized=args.optimized)  # fmt: skip
     return 0
 
 

@@ -34,6 +34,10 @@ class ModelLoadError(BatcheryError):
     """A model exists in the registry but cannot be loaded safely."""
 
 
+class PromotionRefusedError(BatcheryError):
+    """An optimised version scores too far below its source to be promoted without --force."""
+
+
 class BatchContractError(BatcheryError):
     """A forward pass returned a different number of outputs than it was given inputs."""
 

@@ -20,13 +20,15 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Protocol
 
-from producer.errors import ModelLoadError, ModelNotFoundError
+from producer.errors import ModelLoadError, ModelNotFoundError, PromotionRefusedError
 from producer.wire import check_name
 
 META_FILE = "model.json"
 #: Beside ``model.json`` when the registry is signed: its signature (see producer.signing).
 SIGNATURE_FILE = "model.json.sig"
 PROMOTED_FILE = "PROMOTED"
+#: How far below its source an optimised version may score and still be promoted.
+MAX_ACCURACY_DROP = 0.01
 
 
 class ManifestSigner(Protocol):
@@ -193,10 +195,28 @@ class Registry:
                                  f"{name}@{version} {META_FILE}")  # fmt: skip
         return ModelInfo(name=name, version=version, path=path, meta=json.loads(raw))
 
-    def promote(self, name: str, version: str) -> None:
+    def promote(self, name: str, version: str, force: bool = False) -> None:
         """Make ``version`` the one served by default; atomic for readers (a new file
-        renamed over the old one: a worker reads the old version or the new, never half)."""
-        self.get(check_name("model", name) or name, check_name("version", version))
+        renamed over the old one: a worker reads the old version or the new, never half).
+
+        An optimised version whose recorded accuracy is more than
+        :data:`MAX_ACCURACY_DROP` below its source's is refused unless ``force``.
+        """
+        info = self.get(check_name("model", name) or name, check_name("version", version))
+        record = info.meta.get("optimized") or {}
+        accuracy, source = record.get("accuracy"), record.get("source_accuracy")
+        if (
+            not force
+            and accuracy is not None
+            and source is not None
+            and float(accuracy) < float(source) - MAX_ACCURACY_DROP
+        ):
+            raise PromotionRefusedError(
+                f"{info.key} ({record.get('method')}) scored {float(accuracy):.1%} on "
+                f"{record.get('test_dir')}, its source version {record.get('source_version')} "
+                f"{float(source):.1%}: more than {MAX_ACCURACY_DROP:.0%} below; promote it "
+                "with --force if that is what you want"
+            )
         content = f"{version}\n"
         if self.key is not None:
             content += self.key.sign(_promoted_context(name), version.encode()) + "\n"

@@ -129,6 +129,31 @@ class _SavedModelAdapter:
         return next(iter(out.values())) if isinstance(out, dict) else out
 
 
+def litert_forward(
+    model_bytes: bytes, info: ModelInfo, batch_size: int, threads: int | None
+) -> Callable[[np.ndarray], np.ndarray]:
+    """A forward pass over a LiteRT model: ``batch_size`` rows at most, float in, float out."""
+    tf = tensorflow()
+    interpreter = tf.lite.Interpreter(model_content=model_bytes, num_threads=threads or 1)
+    [inp] = interpreter.get_input_details()
+    [out] = interpreter.get_output_details()
+    interpreter.resize_tensor_input(inp["index"], [batch_size, *info.input_shape])
+    interpreter.allocate_tensors()
+    padded = np.zeros((batch_size, *info.input_shape), np.float32)
+    lock = threading.Lock()  # an interpreter runs one call at a time
+
+    def forward(x: np.ndarray) -> np.ndarray:
+        n = len(x)
+        with lock:
+            padded[:n] = x
+            padded[n:] = 0.0
+            interpreter.set_tensor(inp["index"], padded)
+            interpreter.invoke()
+            return np.array(interpreter.get_tensor(out["index"])[:n])
+
+    return forward
+
+
 def load(info: ModelInfo, batch_size: int, threads: int | None = None) -> LoadedModel:
     """Verify, load, compile and warm up one model version.
 
@@ -157,6 +182,14 @@ def load(info: ModelInfo, batch_size: int, threads: int | None = None) -> Loaded
             f"{info.meta.get('sha256')}: refusing to load a file that changed after publishing"
         )
     tf = tensorflow(threads)
+    if info.format == "litert":  # a flatbuffer: no Python in it, nothing for safe_mode
+        try:
+            forward_fn = litert_forward(copy.read_bytes(), info, batch_size, threads)
+        except (ValueError, RuntimeError) as exc:
+            raise ModelLoadError(f"{info.key}: not a LiteRT model ({exc})") from exc
+        finally:
+            private.cleanup()
+        return _warmed(LoadedModel(info, forward_fn, batch_size), digest)
     try:
         model = read_model(copy, info.format, info.trusted)
     except ModelLoadError as exc:
@@ -177,9 +210,13 @@ def load(info: ModelInfo, batch_size: int, threads: int | None = None) -> Loaded
     keep = private if info.file.is_dir() else None
     if keep is None:
         private.cleanup()
-    loaded = LoadedModel(info, forward_fn, batch_size, keep=keep)
+    return _warmed(LoadedModel(info, forward_fn, batch_size, keep=keep), digest)
+
+
+def _warmed(loaded: LoadedModel, digest: str) -> LoadedModel:
     # Warm up: trace the graph and touch the weights before the first real job waits on it.
-    for n in sorted({1, batch_size}):
+    info = loaded.info
+    for n in sorted({1, loaded.batch_size}):
         loaded.predict(np.zeros((n, *info.input_shape), np.float32))
     log.info("loaded %s from %s (sha256 %s...)", info.key, info.file, digest[:12])
     return loaded

@@ -72,3 +72,14 @@ def test_ray_serve_answers_every_image(images) -> None:
     assert (lone.images, concurrent.images) == (30, 64)
     assert len(concurrent.latencies or []) == 64 and concurrent.rate > 0
     assert lone.name.startswith("(f1)") and concurrent.name.startswith("(f)")
+
+
+def test_the_optimised_rows_use_a_private_registry(tmp_path, images) -> None:
+    from bench.run import model_folder
+
+    registry, info, fast = model_folder("reference", tmp_path, "dynamic-int8")
+    assert fast is not None and fast.format == "litert" and registry.root == tmp_path / "models"
+    assert fast.meta["optimized"]["source_version"] == info.version
+    row = run_limit(images, fast, 64, threads=1)
+    assert row.name.startswith("(e') the limit, dynamic-int8 LiteRT") and row.rate > 0
+    assert not (Registry(Settings().model_dir).root / "mnist-cnn" / "2").exists()

@@ -117,3 +117,16 @@ def test_an_unknown_model_fails_with_what_exists(redis_server) -> None:
     result = blind.result(blind.submit(digit_paths(1)[0], model="resnet"), timeout=30)
     assert result["status"] == "FAILURE"
     assert "unknown model 'resnet'" in result["error"] and "mnist-cnn" in result["error"]
+
+
+def test_a_worker_serves_an_optimised_litert_version(live) -> None:
+    from worker.optimize import optimize
+
+    client, registry = live
+    info = optimize(registry, registry.get("mnist-cnn", "1"), "dynamic-int8")
+    paths = digit_paths(10)
+    keras = client.results(client.submit_many(paths, version="1"), timeout=60)
+    litert = client.results(client.submit_many(paths, version=info.version), timeout=60)
+    assert [r["status"] for r in litert] == ["SUCCESS"] * 10
+    assert {r["version"] for r in litert} == {info.version}  # the optimised version answers
+    assert [r["label"] for r in litert] == [r["label"] for r in keras]
