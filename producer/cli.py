@@ -46,6 +46,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--model", help="model name (default: the workers' default model)")
     p.add_argument("--version", help="model version (default: the promoted one)")
     _job_control(p, "normal")
+    p.add_argument(
+        "--explain", action="store_true",
+        help="results also carry an attribution map for the predicted class (a PNG)",
+    )  # fmt: skip
 
     p = sub.add_parser(
         "cancel", help="withdraw jobs not yet computed; exit 1 if any was already answered"
@@ -238,7 +242,8 @@ def _submit(args: argparse.Namespace, settings: Settings) -> int:
 
     with Client(settings=settings) as client:
         ids = client.submit_many(args.images, model=args.model, version=args.version,
-                                 priority=args.priority, deadline_s=args.deadline_s)  # fmt: skip
+                                 priority=args.priority, deadline_s=args.deadline_s,
+                                 explain=args.explain)  # fmt: skip
     print("\n".join(ids))
     return 0
 

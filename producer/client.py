@@ -23,6 +23,7 @@ from producer.wire import (
     JobResult,
     build_message,
     check_deadline,
+    check_flag,
     check_job_id,
     check_name,
     check_priority,
@@ -76,6 +77,7 @@ class Client:
         *,
         priority: str = "normal",
         deadline_s: float | None = None,
+        explain: bool = False,
     ) -> str:
         """Enqueue one image; return its job id.
 
@@ -84,12 +86,12 @@ class Client:
         version. ``priority`` is ``high``, ``normal`` or ``low``: workers take higher work
         first. ``deadline_s``: if its batch has not started that many seconds after now, the
         job is answered ``EXPIRED`` without being computed (BATCHERY_DEFAULT_DEADLINE_S when
-        None). Raises :class:`~producer.errors.InvalidImageError` before enqueueing anything
-        if the input can't be sent.
+        None). ``explain``: the result also carries an ``explanation``, an attribution map
+        for the predicted class. Raises :class:`~producer.errors.InvalidImageError` before
+        enqueueing anything if the input can't be sent.
         """
-        return self.submit_many(
-            [image], model=model, version=version, priority=priority, deadline_s=deadline_s
-        )[0]
+        return self.submit_many([image], model=model, version=version, priority=priority,
+                                deadline_s=deadline_s, explain=explain)[0]  # fmt: skip
 
     def submit_many(
         self,
@@ -99,15 +101,16 @@ class Client:
         *,
         priority: str = "normal",
         deadline_s: float | None = None,
+        explain: bool = False,
     ) -> list[str]:
         """Enqueue many images in one round trip; return their job ids in input order.
 
         Every input is checked first: if one can't be sent, nothing is enqueued. Jobs travel
         up to ``chunk_size`` to a message (fewer when their images pass
         BATCHERY_MAX_MESSAGE_BYTES together); each keeps its own id and its own result.
-        ``priority`` and ``deadline_s`` as for :meth:`submit`.
+        ``priority``, ``deadline_s`` and ``explain`` as for :meth:`submit`.
         """
-        job = self.job_template(model, version, priority, deadline_s)
+        job = self.job_template(model, version, priority, deadline_s, explain=explain)
         limits = self.settings.max_image_bytes, self.settings.max_image_pixels
         jobs = [replace(job, id=new_job_id(), image=image_bytes(img, *limits)) for img in images]
         self.enqueue(jobs)
@@ -120,6 +123,7 @@ class Client:
         priority: str = "normal",
         deadline_s: float | None = None,
         notify: bool = True,
+        explain: bool = False,
     ) -> Job:
         """A job with these fields checked (and no image yet): what every submit starts from.
 
@@ -128,7 +132,7 @@ class Client:
         self.check_model(model, version)
         deadline = check_deadline(deadline_s) or self.settings.default_deadline_s
         return Job("", b"", model, version, time.time(), notify, check_priority(priority),
-                   deadline)  # fmt: skip
+                   deadline, check_flag("explain", explain))  # fmt: skip
 
     def cancel(self, job_id: str) -> bool:
         """Withdraw a job: True if it is now CANCELLED, False if it was already answered.

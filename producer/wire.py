@@ -183,6 +183,13 @@ def check_priority(value: Any) -> str:
     return value
 
 
+def check_flag(name: str, value: Any) -> bool:
+    """``value`` if it is true or false; :class:`InvalidJobError` if not."""
+    if not isinstance(value, bool):
+        raise InvalidJobError(f"{name} must be true or false, got {excerpt(value)}")
+    return value
+
+
 def check_deadline(value: Any) -> float | None:
     """``value`` as seconds if it is a deadline (or None); :class:`InvalidJobError` if not."""
     if value is None:
@@ -234,6 +241,8 @@ class Job:
     #: Seconds from ``submitted_at`` after which the job is answered EXPIRED if its batch has
     #: not started; None: no deadline.
     deadline_s: float | None = None
+    #: Answer with an attribution map for the predicted class too (see worker.explain).
+    explain: bool = False
 
     def to_wire(self) -> dict[str, Any]:
         """The job as a JSON-ready dict (image bytes in base64)."""
@@ -250,6 +259,8 @@ class Job:
             wire["priority"] = self.priority
         if self.deadline_s is not None:
             wire["deadline_s"] = self.deadline_s
+        if self.explain:
+            wire["explain"] = True
         return wire
 
     def expired(self, now: float) -> bool:
@@ -300,6 +311,7 @@ class Job:
                 notify=notify is not False,
                 priority=check_priority(obj.get("priority", "normal")),
                 deadline_s=check_deadline(obj.get("deadline_s")),
+                explain=check_flag("explain", obj.get("explain", False)),
             )
         except InvalidJobError as exc:
             exc.job_id = job_id
@@ -529,6 +541,8 @@ class JobResult:
     top_k: list[TopK] = field(default_factory=list)
     error: str | None = None
     batch_size: int | None = None
+    #: Only for jobs that asked (``explain``): see worker.explain.
+    explanation: dict[str, Any] | None = None
 
     @classmethod
     def failure(
@@ -565,6 +579,7 @@ class JobResult:
             "top_k": [{"label": t.label, "score": t.score} for t in self.top_k],
             "error": self.error,
             "batch_size": self.batch_size,
+            **({} if self.explanation is None else {"explanation": self.explanation}),
         }
 
 

@@ -56,11 +56,14 @@ class LoadedModel:
         forward: Callable[[np.ndarray], np.ndarray],
         batch_size: int,
         keep: Any = None,
+        explain: Callable[[np.ndarray, np.ndarray], np.ndarray] | None = None,
     ) -> None:
         self.info = info
         self._forward = forward
         self.batch_size = batch_size
         self._keep = keep  # the private copy it was loaded from, removed with the model
+        #: Attribution maps for (inputs, target class indices), or None (a LiteRT version).
+        self.explain = explain
 
     def predict(
         self, inputs: np.ndarray, observe: Callable[[int, float], None] | None = None
@@ -210,7 +213,10 @@ def load(info: ModelInfo, batch_size: int, threads: int | None = None) -> Loaded
     keep = private if info.file.is_dir() else None
     if keep is None:
         private.cleanup()
-    return _warmed(LoadedModel(info, forward_fn, batch_size, keep=keep), digest)
+    from worker.explain import attributor
+
+    loaded = LoadedModel(info, forward_fn, batch_size, keep=keep, explain=attributor(model, info))
+    return _warmed(loaded, digest)
 
 
 def _warmed(loaded: LoadedModel, digest: str) -> LoadedModel:

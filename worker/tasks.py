@@ -42,6 +42,7 @@ from producer.wire import (
     read_jobs,
     result_key,
 )
+from worker import explain as worker_explain
 from worker import preprocess
 from worker.metrics import Metrics
 from worker.models import LoadedModel, ModelCache
@@ -114,6 +115,7 @@ class BatchRunner:
         results: list[JobResult] = []
         unanswerable = 0
         limit = self.settings.max_image_bytes
+        default = self.settings.default_deadline_s
         for request in requests:
             try:
                 valid, refused = read_jobs(request.kwargs, limit)
@@ -130,7 +132,6 @@ class BatchRunner:
             if refused:
                 log.warning("message %s: %d jobs refused, first: %s", excerpt(request.id, 64),
                             len(refused), refused[0].reason)  # fmt: skip
-            default = self.settings.default_deadline_s
             for job in valid:
                 if default is not None and job.deadline_s is None:
                     job = replace(job, deadline_s=default)
@@ -304,8 +305,10 @@ class BatchRunner:
                 results.append(JobResult.failure(job, str(exc), info.name, info.version))
         if ready:
             observe = self.metrics.forward_pass if self.metrics else None
-            probs = model.predict(preprocess.normalize(np.stack(inputs), info), observe)
-            results.extend(postprocess(model, ready, probs, self.settings.top_k))
+            normalized = preprocess.normalize(np.stack(inputs), info)
+            probs = model.predict(normalized, observe)
+            answers = postprocess(model, ready, probs, self.settings.top_k)
+            results.extend(explain(model, ready, normalized, answers))
         by_id = {result.job_id: result for result in results}
         return [by_id[job.id] for job in jobs]
 
@@ -418,6 +421,30 @@ if ARGV[3] == '1' then
 end
 return done + failed + counts['expired']
 """
+
+
+def explain(
+    model: LoadedModel, jobs: Sequence[Job], inputs: np.ndarray, results: list[JobResult]
+) -> list[JobResult]:
+    """``results`` with an explanation for each job that asked: one gradient pass for all."""
+    asked = [i for i, job in enumerate(jobs) if job.explain]
+    if not asked:
+        return results
+    if model.explain is None:
+        source = model.info.meta.get("optimized", {}).get("source_version")
+        refusal = {
+            "error": f"{model.info.key} is a LiteRT version, which explains nothing; "
+            f"ask for version {source} (its Keras source) to have an explanation"
+        }
+        return [replace(r, explanation=refusal) if jobs[i].explain else r
+                for i, r in enumerate(results)]  # fmt: skip
+    targets = np.asarray([results[i].class_index for i in asked], np.int32)
+    maps = model.explain(inputs[asked], targets)
+    explained = list(results)
+    for i, attribution in zip(asked, maps, strict=True):
+        explained[i] = replace(results[i], explanation=worker_explain.explanation(
+            attribution, str(results[i].label)))  # fmt: skip
+    return explained
 
 
 def postprocess(
