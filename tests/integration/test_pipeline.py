@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import re
@@ -179,3 +180,15 @@ def test_cli_status_sees_the_worker_and_the_counts(redis_server, worker, client)
     assert re.search(r"^workers alive  \d+ \(\S+:\d+, \S+:\d+", text, re.M), text
     # Other tests share this Redis (their dead letters too): the text says what the JSON says.
     assert f"dead letters   {status['dead_letters']}" in text and "messages waiting" in text
+
+
+def test_a_job_asking_for_an_explanation_gets_its_heatmap(client: Client) -> None:
+    path = digit_paths(1)[0]
+    plain, explained = client.results(
+        [client.submit(path), client.submit(path, explain=True)], timeout=30
+    )
+    assert "explanation" not in plain
+    heat = explained["explanation"]
+    assert explained["status"] == "SUCCESS" and heat["target"] == explained["label"]
+    assert heat["method"] == "integrated-gradients" and (heat["width"], heat["height"]) == (28, 28)
+    assert base64.b64decode(heat["png"]).startswith(b"\x89PNG")
