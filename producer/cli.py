@@ -52,6 +52,15 @@ def _parser() -> argparse.ArgumentParser:
     )  # fmt: skip
 
     p = sub.add_parser(
+        "explain", help="classify images through the queue and draw why: a PNG per image"
+    )
+    p.add_argument("images", nargs="+", type=Path, metavar="IMAGE")
+    p.add_argument("-o", "--output", required=True, type=Path, metavar="OUT_DIR")
+    p.add_argument("--model", metavar="NAME[@VERSION]")
+    p.add_argument("--wait", type=float, default=60.0, metavar="SECONDS",
+                   help="longest wait for the answers (60)")  # fmt: skip
+
+    p = sub.add_parser(
         "cancel", help="withdraw jobs not yet computed; exit 1 if any was already answered"
     )
     p.add_argument("job_ids", nargs="+", metavar="JOB_ID")
@@ -248,6 +257,24 @@ def _submit(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+def _explain(args: argparse.Namespace, settings: Settings) -> int:
+    from producer.client import Client
+    from producer.images import image_bytes
+    from producer.overlays import write_overlays
+
+    name, _, version = (args.model or "").partition("@")
+    limits = settings.max_image_bytes, settings.max_image_pixels
+    images = [image_bytes(path, *limits) for path in args.images]
+    with Client(settings=settings) as client:
+        ids = client.submit_many(images, model=name or None, version=version or None,
+                                 priority="high", explain=True)  # fmt: skip
+        results = client.results(ids, timeout=args.wait)
+    for path, result in zip(write_overlays(args.images, images, results, args.output), results,
+                            strict=True):  # fmt: skip
+        print(f"{path}: {result['status']} {result.get('label') or result.get('error') or ''}")
+    return 0 if all(r["status"] == "SUCCESS" for r in results) else 1
+
+
 def _cancel(args: argparse.Namespace, settings: Settings) -> int:
     from producer.client import Client
 
@@ -329,11 +356,14 @@ def _models(args: argparse.Namespace, settings: Settings) -> int:
             print(json.dumps(rows, indent=2))
         else:
             for row in rows:
-                accuracy = row.get("metrics", {}).get("test_accuracy")
+                optimized = row.get("optimized") or {}
+                accuracy = row.get("metrics", {}).get("test_accuracy", optimized.get("accuracy"))
+                what = (f"  {optimized.get('method')} LiteRT of {optimized.get('source_version')}"
+                        if optimized else "")  # fmt: skip
                 print(
                     f"{row['name']:<20} {row['version']:>4} {'*' if row['promoted'] else ' '} "
                     f"{row['sha256'][:12]}  {row['created']:<25} "
-                    f"{'' if accuracy is None else f'test accuracy {accuracy * 100:.1f}%'}"
+                    f"{'' if accuracy is None else f'test accuracy {accuracy * 100:.1f}%'}{what}"
                 )
         return 0
     if action == "promote":
@@ -422,6 +452,7 @@ _COMMANDS = {
     "worker": _worker,
     "submit": _submit,
     "cancel": _cancel,
+    "explain": _explain,
     "result": _result,
     "classify": _classify,
     "train": _train,

@@ -113,14 +113,13 @@ def build_model(n_classes: int, input_shape: tuple[int, int, int] = INPUT_SHAPE)
 
 
 def _augmenter(seed: int) -> Any:
-    """Small random shifts, rotations and zooms: digits as people write them."""
+    """Small random rotations and shifts: digits as people write them."""
     tf = tensorflow()
     layers = tf.keras.layers
     return tf.keras.Sequential(
         [
             layers.RandomRotation(0.05, fill_mode="constant", seed=seed),
-            layers.RandomTranslation(0.1, 0.1, fill_mode="constant", seed=seed + 1),
-            layers.RandomZoom(0.1, fill_mode="constant", seed=seed + 2),
+            layers.RandomTranslation(0.08, 0.08, fill_mode="constant", seed=seed + 1),
         ]
     )
 
@@ -132,8 +131,14 @@ def train(
     epochs: int = 30,
     seed: int = 0,
     test_dir: Path | None = None,
+    learning_rate: float = 2e-3,
 ) -> ModelInfo:
-    """Train on ``data_dir``, evaluate on ``test_dir`` if given, publish as a new version."""
+    """Train on ``data_dir``, evaluate on ``test_dir`` if given, publish as a new version.
+
+    Adam with the learning rate decaying to 0 along a cosine over all the steps; batches of
+    64 with small random rotations and shifts; a fixed seed and deterministic ops, so the
+    same data and seed give the same model on the same kind of machine.
+    """
     tf = tensorflow()
     tf.keras.utils.set_random_seed(seed)
     tf.config.experimental.enable_op_determinism()
@@ -158,6 +163,10 @@ def train(
         .map(lambda x, y: (augment(x, training=True), y))
     )
     model = build_model(len(data.labels))
+    steps = epochs * -(-len(data.x) // 64)
+    schedule = tf.keras.optimizers.schedules.CosineDecay(learning_rate, steps)
+    model.compile(optimizer=tf.keras.optimizers.Adam(schedule),
+                  loss="sparse_categorical_crossentropy", metrics=["accuracy"])  # fmt: skip
     model.fit(batches, epochs=epochs, verbose=2, shuffle=False)  # shuffled above
 
     metrics: dict[str, Any] = {}
@@ -188,7 +197,8 @@ def train(
                     "seed": seed,
                     "architecture": "Conv2D(32,3x3,relu)-MaxPool(2)-Flatten-Dropout"
                     "(0.25)-Dense(64,relu)-Dropout(0.25)-Dense(softmax)",
-                    "augmentation": "rotation 0.05, translation 0.1, zoom 0.1",
+                    "augmentation": "rotation 0.05, translation 0.08",
+                    "optimizer": f"adam, learning rate {learning_rate:g} cosine-decayed to 0",
                 },
                 "metrics": metrics,
             },

@@ -23,6 +23,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from producer.client import Client
 from producer.local import RedisServer, WorkerProcess, free_port
+from producer.registry import Registry
 from tests.factories import corrupt_png, digit_paths, wait_until_serving
 from worker.metrics import EXPORTED
 
@@ -133,7 +134,8 @@ def test_logs_are_one_json_object_a_line_with_job_ids(ops: OpsWorker) -> None:
     assert batches, "no batch line names the jobs"
     assert sum(len(set(ids) & set(r["job_ids"])) for r in batches) == 5
     for record in batches:
-        assert record["models"] == ["mnist-cnn@1"]
+        promoted = Registry(ROOT / "models").promoted("mnist-cnn")
+        assert record["models"] == [f"mnist-cnn@{promoted}"]
         assert record["batch_size"] == len(record["job_ids"])
         assert {"time", "level", "process", "logger", "message"} <= set(record)
     images = [base64.b64encode(p.read_bytes()).decode()[40:100] for p in digit_paths(5)]

@@ -11,8 +11,10 @@ import sys
 import threading
 from pathlib import Path
 
+import numpy as np
 import pytest
 from celery import Celery
+from PIL import Image
 
 from producer.client import Client
 from producer.wire import Job, encode_message, result_key
@@ -192,3 +194,16 @@ def test_a_job_asking_for_an_explanation_gets_its_heatmap(client: Client) -> Non
     assert explained["status"] == "SUCCESS" and heat["target"] == explained["label"]
     assert heat["method"] == "integrated-gradients" and (heat["width"], heat["height"]) == (28, 28)
     assert base64.b64decode(heat["png"]).startswith(b"\x89PNG")
+
+
+def test_cli_explain_draws_each_image_beside_its_heatmap(redis_server, worker, tmp_path) -> None:
+    paths = digit_paths(3)
+    shown = run_cli(redis_server.url, "explain", *map(str, paths), "-o", str(tmp_path / "why"))
+    assert shown.returncode == 0, shown.stderr
+    written = sorted((tmp_path / "why").glob("*.explained.png"))
+    assert len(written) == 3 and all("SUCCESS" in line for line in shown.stdout.splitlines())
+    with Image.open(written[0]) as img:
+        assert img.size == (448, 252) and img.mode == "RGB"
+        pixels = np.asarray(img)
+    right = pixels[:224, 224:]
+    assert (right[..., 0].astype(int) - right[..., 1] > 100).any()  # red where the evidence is

@@ -16,6 +16,8 @@ from worker.models import LoadedModel, ModelCache
 from worker.tasks import BatchRunner
 
 ROOT = Path(__file__).resolve().parents[2]
+#: The version of the shipped model jobs that name none get.
+PROMOTED = Registry(ROOT / "models").promoted("mnist-cnn")
 
 
 @pytest.fixture
@@ -38,7 +40,7 @@ def test_every_job_gets_its_own_stored_result(runner, fake_redis) -> None:
     for r in results:
         stored = decode_result_meta(fake_redis.get(result_key(r.job_id)))
         assert stored == r.to_dict()
-        assert stored["model"] == "mnist-cnn" and stored["version"] == "1"
+        assert stored["model"] == "mnist-cnn" and stored["version"] == PROMOTED
         assert len(stored["top_k"]) == 3 and stored["top_k"][0]["label"] == stored["label"]
         assert 0 < fake_redis.ttl(result_key(r.job_id)) <= 600
     # 40 jobs through forward passes of at most 16: 16, 16, 8.
@@ -54,7 +56,7 @@ def test_a_broken_image_fails_only_its_own_job(runner) -> None:
     results = runner.run([Request("m", jobs_to_kwargs([job(i, b) for i, b in enumerate(images)]))])
     assert [r.status for r in results] == ["SUCCESS"] * 4 + ["FAILURE"] + ["SUCCESS"] * 4
     assert "truncated PNG file" in results[4].error
-    assert results[4].model == "mnist-cnn" and results[4].version == "1"
+    assert results[4].model == "mnist-cnn" and results[4].version == PROMOTED
 
 
 def test_a_jpeg_of_another_size_and_mode_gets_the_same_label(runner) -> None:
