@@ -99,3 +99,15 @@ def test_deleting_what_it_points_at_hurts_twice_as_much_as_deleting_random_ink(
     print(f"\ndeleting 10% of pixels: attribution order lowers p by {drop_attributed.mean():.3f},"
           f" random ink by {drop_random.mean():.3f}")  # fmt: skip
     assert drop_attributed.mean() >= 2 * drop_random.mean()
+
+
+def test_the_deletion_curve_for_the_docs_drops_faster_in_attribution_order(
+    models: ModelCache, test_digits: tuple[np.ndarray, np.ndarray]
+) -> None:
+    from bench.explain import FRACTIONS, deletion_curves
+
+    x, _ = test_digits
+    attributed, random = deletion_curves(models.get(None, None), x[:200])
+    assert len(attributed) == len(random) == len(FRACTIONS) and attributed[0] == random[0]
+    ten = FRACTIONS.index(0.1)
+    assert attributed[ten] < random[ten] and attributed[-1] <= attributed[1]
