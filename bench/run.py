@@ -7,6 +7,7 @@
 (d) Batchery bulk: ``batchery classify`` over the files on disk;
 (e) the limit: the same model called in-process on the same decoded images, same batch size;
 (f) Ray Serve with ``@serve.batch`` over HTTP, when ray[serve] is installed;
+(x) the (c) images submitted at once with ``explain=True``, beside the same without;
 (d') and (e') with ``--optimized METHOD``: the same model optimised to LiteRT, in bulk and
     in-process;
 (m) mixed load: a lone job every 50 ms at high priority while a ``classify`` of the files runs
@@ -268,6 +269,25 @@ def run_online(client: Client, paths: list[Path], submitters: int) -> Row:
     return Row(name, len(latencies), seconds, latencies)
 
 
+def run_explained(client: Client, paths: list[Path]) -> Row:
+    """(x) the same jobs submitted at once, with ``explain=True``, beside the run without."""
+    data = [p.read_bytes() for p in paths]
+
+    def timed(explain: bool) -> float:
+        started = time.perf_counter()
+        results = client.results(client.submit_many(data, explain=explain), timeout=600)
+        if any(r["status"] != "SUCCESS" or (explain and "explanation" not in r)
+               for r in results):  # fmt: skip
+            raise RuntimeError("a job was not answered with what it asked for")
+        return time.perf_counter() - started
+
+    plain, explained = timed(False), timed(True)
+    extra_ms = (explained - plain) / len(data) * 1000
+    return Row("(x) Batchery, jobs with explain=True, one submit_many", len(data), explained,
+               note=f"the same without explain: {len(data) / plain:,.0f} img/s; "
+               f"explaining costs {extra_ms:+.2f} ms a job")  # fmt: skip
+
+
 def one_at_a_time(name: str, n: int, call: Callable[[], object]) -> Row:
     """``call()`` n times, one after the other with a short idle pause: a lone request's latency."""
     latencies = []
@@ -434,6 +454,7 @@ def run_bench(model: str, images: int, workers: int, chart: Path | None,
                 out("(c) ...")
                 rows.append(run_lone(client, paths, 200 if model == "reference" else 30))
                 rows.append(run_online(client, medium, 64))
+                rows.append(run_explained(client, medium))
                 out("(d) ...")
                 bulk, producer_rss = run_bulk(url, folder, images, env)
                 rows.append(bulk)

@@ -8,6 +8,7 @@ the window is bounded, and ``--resume`` remembers finished paths as 8-byte hashe
 
 from __future__ import annotations
 
+import base64
 import csv
 import glob
 import hashlib
@@ -119,7 +120,8 @@ def _repair_tail(out: Path) -> None:
 class RowWriter:
     """Rows to a ``.jsonl`` or ``.csv`` file, appended and flushed as they come."""
 
-    def __init__(self, out: Path, resume: bool) -> None:
+    def __init__(self, out: Path, resume: bool, columns: tuple[str, ...] = COLUMNS) -> None:
+        self.columns = columns
         suffix = out.suffix.lower()
         if suffix not in (".jsonl", ".csv"):
             raise BatcheryError(f"{out}: the output must end in .jsonl or .csv")
@@ -131,7 +133,7 @@ class RowWriter:
         self._fh: IO[str] = out.open("a" if resume else "w", encoding="utf-8", newline="")
         self._csv = csv.writer(self._fh) if self.csv else None
         if self._csv is not None and not (existing and out.stat().st_size > 0):
-            self._csv.writerow(COLUMNS)
+            self._csv.writerow(columns)
         self._last_flush = time.monotonic()
 
     def _read_paths(self, out: Path) -> Iterator[str]:
@@ -146,9 +148,9 @@ class RowWriter:
     def write(self, row: dict[str, Any]) -> None:
         """Append one row; flushed to disk at least twice a second."""
         if self._csv is not None:
-            self._csv.writerow(["" if row[c] is None else row[c] for c in COLUMNS])
+            self._csv.writerow(["" if row[c] is None else row[c] for c in self.columns])
         else:
-            self._fh.write(json.dumps({c: row[c] for c in COLUMNS}) + "\n")
+            self._fh.write(json.dumps({c: row[c] for c in self.columns}) + "\n")
         now = time.monotonic()
         if now - self._last_flush > 0.5:
             self._fh.flush()
@@ -213,15 +215,22 @@ def classify(
     keep_results: bool = False,
     priority: str = "low",
     deadline_s: float | None = None,
+    explain_dir: Path | None = None,
 ) -> Summary:
     """Classify every image ``specs`` name into ``out``; see the module docstring.
 
     Jobs go at ``priority`` (``low`` by default: bulk work gives way to jobs someone is
     waiting for). Interrupted (Ctrl-C, SIGTERM), the run cancels the jobs it has in flight
     before it returns, so workers don't compute them for nobody; ``resume`` picks them up.
+    With ``explain_dir``, each answer's heatmap is written there as a PNG, its path in the
+    row's ``explanation`` column.
     """
-    template = client.job_template(model, version, priority, deadline_s, notify=False)
-    writer = RowWriter(Path(out), resume)
+    template = client.job_template(model, version, priority, deadline_s, notify=False,
+                                   explain=explain_dir is not None)  # fmt: skip
+    columns = COLUMNS if explain_dir is None else (*COLUMNS, "explanation")
+    if explain_dir is not None:
+        Path(explain_dir).mkdir(parents=True, exist_ok=True)
+    writer = RowWriter(Path(out), resume, columns)
     summary = Summary()
     started = time.monotonic()
     total = count_inputs(specs)
@@ -281,7 +290,10 @@ def classify(
             for key in ready:
                 path, job_id = inflight.pop(key)
                 result = answered.pop(key)
-                writer.write(_row(path, job_id, result))
+                row = _row(path, job_id, result)
+                if explain_dir is not None:
+                    row["explanation"] = write_heatmap(Path(explain_dir), path, result)
+                writer.write(row)
                 summary.counts[result["status"]] += 1
                 bar.update(1)
                 if job_id:
@@ -322,6 +334,16 @@ def _sigterm_interrupts() -> Callable[[], None]:
         signal.signal(signal.SIGTERM, previous)
 
     return restore
+
+
+def write_heatmap(folder: Path, path: str, result: dict[str, Any]) -> str | None:
+    """The row's heatmap written to ``folder`` (named by the input's path); its path."""
+    png = (result.get("explanation") or {}).get("png")
+    if not png:
+        return None
+    target = folder / f"{_path_hash(path):016x}-{Path(path).stem}.png"
+    target.write_bytes(base64.b64decode(png))
+    return str(target)
 
 
 def read_checked(path: str, limit: int, max_pixels: int) -> bytes:

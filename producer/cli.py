@@ -105,6 +105,10 @@ def _parser() -> argparse.ArgumentParser:
         help="leave each result in Redis too (default: deleted once written to OUT)",
     )  # fmt: skip
     _job_control(p, "low")
+    p.add_argument(
+        "--explain-dir", type=Path, metavar="DIR",
+        help="write each answer's heatmap here (a PNG a row, its path in the row)",
+    )  # fmt: skip
 
     p = sub.add_parser(
         "train",
@@ -309,7 +313,7 @@ def _classify(args: argparse.Namespace, settings: Settings) -> int:
                            version=version or None, resume=args.resume,
                            ordered=not args.unordered, window=args.window,
                            keep_results=args.keep_results, priority=args.priority,
-                           deadline_s=args.deadline_s)  # fmt: skip
+                           deadline_s=args.deadline_s, explain_dir=args.explain_dir)  # fmt: skip
     print(summary.line(), file=sys.stderr)
     if summary.interrupted:
         return 130

@@ -13,6 +13,7 @@ from bench.run import (
     make_images,
     run_batches,
     run_bulk,
+    run_explained,
     run_limit,
     run_lone,
     run_mixed,
@@ -48,6 +49,8 @@ def test_every_way_answers_every_image(redis_server, worker, client: Client, ima
     assert len(rows[0].latencies or []) == 10 and len(rows[1].latencies or []) == 100
     assert 20_000_000 < producer_rss < 1_000_000_000
     assert worker_peak_rss(worker) > 100_000_000  # TensorFlow and a model are loaded
+    explained = run_explained(client, images[:20])
+    assert explained.images == 20 and "explaining costs" in explained.note
     mixed = run_mixed(client, redis_server.url, images[0].parent.parent, len(images), {},
                       "high", bulk)  # fmt: skip
     assert mixed.name.startswith("(m)") and mixed.images >= 1 and "of (d) alone" in mixed.note

@@ -126,3 +126,16 @@ def test_cli_prints_progress_and_a_summary(redis_server, worker, tmp_path) -> No
     assert "150/150" in proc.stderr and "img/s" in proc.stderr  # the tqdm bar
     assert "classified 150: SUCCESS 150 in" in proc.stderr
     assert len(jsonl(tmp_path / "out.jsonl")) == 150
+
+
+def test_explain_dir_writes_a_heatmap_a_row(client: Client, tmp_path) -> None:
+    paths = make_folder(tmp_path / "in", 1)[:20]
+    out = tmp_path / "out.csv"
+    summary = classify(client, [str(p) for p in paths], out, progress=None,
+                       explain_dir=tmp_path / "why")  # fmt: skip
+    assert summary.counts["SUCCESS"] == 20
+    rows = list(csv.DictReader(out.open()))
+    assert list(rows[0]) == ["path", "job_id", "status", "label", "score", "error", "explanation"]
+    heatmaps = [Path(row["explanation"]) for row in rows]
+    assert len(set(heatmaps)) == 20 and all(p.parent == tmp_path / "why" for p in heatmaps)
+    assert all(p.read_bytes().startswith(b"\x89PNG") for p in heatmaps)
