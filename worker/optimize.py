@@ -26,6 +26,7 @@ import numpy as np
 from producer.errors import ModelLoadError
 from producer.registry import ModelInfo, Registry
 from worker.models import LoadedModel, litert_forward, load, read_model, tensorflow
+from worker.publish import folder_labels
 from worker.train import load_folder
 
 METHODS = ("float16", "dynamic-int8", "int8")
@@ -49,7 +50,7 @@ def convert(info: ModelInfo, method: str, calibration_dir: Path | None = None) -
         converter.target_spec.supported_types = [tf.float16]
     elif method == "int8":
         assert calibration_dir is not None
-        data = load_folder(calibration_dir, info, labels=_labels_in(calibration_dir, info))
+        data = load_folder(calibration_dir, info, labels=folder_labels(calibration_dir, info))
         rng = np.random.default_rng(0)
         sample = data.x[rng.permutation(len(data.x))[:CALIBRATION_IMAGES]]
 
@@ -96,7 +97,7 @@ def optimize(
 
 def compare(info: ModelInfo, flatbuffer: bytes, test_dir: Path, batch: int) -> dict[str, Any]:
     """Accuracy of the source and of the converted model on ``test_dir``, and agreement."""
-    data = load_folder(test_dir, info, labels=_labels_in(test_dir, info))
+    data = load_folder(test_dir, info, labels=folder_labels(test_dir, info))
     truth = np.asarray([info.labels.index(data.labels[i]) for i in data.y])
     source = load(info, batch).predict(data.x).argmax(axis=1)
     converted = LoadedModel(info, litert_forward(flatbuffer, info, batch, None), batch)
@@ -109,10 +110,3 @@ def compare(info: ModelInfo, flatbuffer: bytes, test_dir: Path, batch: int) -> d
         "agreement": round(float((optimized == source).mean()), 4),
     }
 
-
-def _labels_in(data_dir: Path, info: ModelInfo) -> list[str]:
-    folders = sorted(p.name for p in Path(data_dir).iterdir() if p.is_dir())
-    unknown = [f for f in folders if f not in info.labels]
-    if unknown or not folders:
-        raise ModelLoadError(f"{data_dir}: expected <label>/ folders of {info.key}'s labels")
-    return folders

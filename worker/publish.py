@@ -123,7 +123,7 @@ class Evaluation:
 
 def evaluate(info: ModelInfo, data_dir: Path, batch_size: int = 256) -> Evaluation:
     """Classify every image in ``data_dir/<label>/`` with the model, as a worker would."""
-    data = load_folder(data_dir, info, labels=_folder_labels(data_dir, info))
+    data = load_folder(data_dir, info, labels=folder_labels(data_dir, info))
     model = load(info, batch_size)
     predicted = model.predict(data.x).argmax(axis=1)
     truth = np.asarray([info.labels.index(data.labels[i]) for i in data.y])
@@ -134,9 +134,13 @@ def evaluate(info: ModelInfo, data_dir: Path, batch_size: int = 256) -> Evaluati
                       confusion)  # fmt: skip
 
 
-def _folder_labels(data_dir: Path, info: ModelInfo) -> list[str]:
+def folder_labels(data_dir: Path, info: ModelInfo) -> list[str]:
+    """The ``<label>/`` folders of a labeled folder; ModelLoadError unless all are labels."""
     folders = sorted(p.name for p in Path(data_dir).iterdir() if p.is_dir())
     unknown = [f for f in folders if f not in info.labels]
-    if unknown:
-        raise ModelLoadError(f"{data_dir}: folders {unknown} are not labels of {info.key}")
+    if unknown or not folders:
+        raise ModelLoadError(
+            f"{data_dir}: expected <label>/ folders of {info.key}'s labels"
+            + (f"; {unknown} are not" if unknown else "")
+        )
     return folders
