@@ -92,7 +92,7 @@ def test_metrics_add_up_to_the_jobs_sent(ops: OpsWorker) -> None:
         if total(delta, "batchery_jobs_total") >= 60 or time.monotonic() > deadline:
             break
         time.sleep(0.1)
-    labels = {"model": "mnist-cnn", "version": "1"}
+    labels = {"model": "mnist-cnn", "version": Registry(ROOT / "models").promoted("mnist-cnn")}
     assert total(delta, "batchery_jobs_total", status="SUCCESS", **labels) == 59
     assert total(delta, "batchery_jobs_total", status="FAILURE", **labels) == 1
     # Every image that decoded went through exactly one forward pass, timed once.

@@ -17,6 +17,7 @@ from celery import Celery
 from PIL import Image
 
 from producer.client import Client
+from producer.registry import Registry
 from producer.wire import Job, encode_message, result_key
 from tests.factories import big_rgb_jpeg, corrupt_png, digit_paths, label_of, truncated_png
 
@@ -30,7 +31,8 @@ def test_submit_one_and_poll_its_result(client: Client) -> None:
     result = client.result(job_id, timeout=30)
     assert result["job_id"] == job_id and result["status"] == "SUCCESS"
     assert result["label"] == label_of(path) and result["class_index"] == int(label_of(path))
-    assert (result["model"], result["version"], result["error"]) == ("mnist-cnn", "1", None)
+    promoted = Registry(ROOT / "models").promoted("mnist-cnn")
+    assert (result["model"], result["version"], result["error"]) == ("mnist-cnn", promoted, None)
     assert 0.5 < result["score"] <= 1.0 and len(result["top_k"]) == 3
 
 
