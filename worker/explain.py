@@ -4,7 +4,9 @@ A job submitted with ``explain=True`` gets, beside its label, an attribution map
 model's input for the predicted class: Integrated Gradients from a black image (the MNIST
 background), ``STEPS`` steps, computed for all the explained jobs of a batch in one
 batched gradient pass. It travels as a small grayscale PNG (brighter: more of the class's
-score rests on that pixel). Jobs without ``explain`` cost nothing more.
+score rests on that pixel). Jobs without ``explain`` cost nothing more. A gradient pass
+holds as many images as a forward pass (``batch_size // STEPS`` jobs), so explanations take
+no more memory than predictions.
 
 Integrated Gradients was chosen by the deletion test (``tests/unit/test_explain.py``):
 deleting the pixels it ranks highest lowers the predicted class's probability far more than

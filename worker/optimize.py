@@ -109,4 +109,3 @@ def compare(info: ModelInfo, flatbuffer: bytes, test_dir: Path, batch: int) -> d
         "source_accuracy": round(float((source == truth).mean()), 4),
         "agreement": round(float((optimized == source).mean()), 4),
     }
-

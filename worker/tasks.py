@@ -439,7 +439,13 @@ def explain(
         return [replace(r, explanation=refusal) if jobs[i].explain else r
                 for i, r in enumerate(results)]  # fmt: skip
     targets = np.asarray([results[i].class_index for i in asked], np.int32)
-    maps = model.explain(inputs[asked], targets)
+    # As many images a gradient pass as a forward pass (each job is STEPS of them): the
+    # memory of a batch of explanations stays that of a batch of predictions.
+    per_pass = max(1, model.batch_size // worker_explain.STEPS)
+    maps = np.concatenate([
+        model.explain(inputs[asked[i : i + per_pass]], targets[i : i + per_pass])
+        for i in range(0, len(asked), per_pass)
+    ])  # fmt: skip
     explained = list(results)
     for i, attribution in zip(asked, maps, strict=True):
         explained[i] = replace(results[i], explanation=worker_explain.explanation(
