@@ -365,8 +365,7 @@ def _ordered_ready(
 
 
 def _reason(exc: Exception, path: str) -> str:
-    if isinstance(exc, FileNotFoundError):
-        return f"{path}: no such file"
-    if isinstance(exc, IsADirectoryError):
-        return f"{path}: is a directory"
+    # read_file names missing files, folders and devices itself; what is left is I/O.
+    if isinstance(exc, OSError) and not isinstance(exc, InvalidImageError):
+        return f"{path}: cannot read ({exc.strerror or exc})"
     return str(exc)

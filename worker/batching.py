@@ -76,16 +76,16 @@ BATCH_ORDER = ("high", "normal", "low")
 BATCH_SHARE = {3: ("normal", "low", "high"), 7: ("low", "normal", "high")}
 
 
-def _take_high_now(requests: list[Any]) -> None:
-    """Before a freed pool process takes its next batch: a high job waiting in Redis now
-    joins it (see worker.transport.Channel.take_high_now)."""
+def _take_now(requests: list[Any]) -> None:
+    """Before a freed pool process takes its next batch: the next message waiting in Redis
+    (a high one first) now joins the buffer (see worker.transport.Channel.take_now)."""
     message: Any = getattr(requests[0], "message", None) if requests else None
-    take = getattr(getattr(message, "channel", None), "take_high_now", None)
+    take = getattr(getattr(message, "channel", None), "take_now", None)
     if take is not None:
         try:
             take()
         except Exception:  # never cost a batch its acknowledgement
-            log.exception("could not look for a waiting high job")
+            log.exception("could not take the next message")
 
 
 def _started(request: Any) -> None:
@@ -248,7 +248,7 @@ class DynamicBatches(Batches):
                 log.error("batch of %d messages requeued%s: %s", len(requests),
                           f" in {pause:g} s" if pause else "", reason)  # fmt: skip
                 self._requeue(requests, reason, pause)
-            _take_high_now(requests)
+            _take_now(requests)
             self._do_flush()
 
         def on_return(result: Any) -> None:

@@ -14,8 +14,8 @@
 - Priorities (``producer.wire.PRIORITIES``): each poll takes from the high list first, then
   normal, then low, except one poll in eight that looks at normal first and one that looks
   at low first, so lower work is never starved while higher work keeps coming. A worker
-  full of other work takes a waiting high job as each batch finishes (``take_high_now``),
-  so it goes in the next batch.
+  full of other work takes the next message by the same rule as each batch finishes
+  (``take_now``), so a waiting high job goes in the next batch.
 
 It overrides kombu 5.7's ``Channel._brpop_read`` and ``QoS``; ``worker.compat`` refuses to
 start on a kombu whose insides differ.
@@ -39,6 +39,15 @@ HIGH, NORMAL, LOW = PRIORITIES["high"], PRIORITIES["normal"], PRIORITIES["low"]
 TAKE_ORDER = (HIGH, NORMAL, LOW, 9)
 #: In every eight polls, one looks at normal work first and one at low work first.
 SHARE = {3: (NORMAL, LOW, 9, HIGH), 7: (LOW, 9, NORMAL, HIGH)}
+
+# KEYS: lists in the order to take from. Pops the oldest message of the first non-empty one.
+_POP_FIRST = """
+for _, key in ipairs(KEYS) do
+  local item = redis.call('RPOP', key)
+  if item then return item end
+end
+return false
+"""
 
 log = logging.getLogger(__name__)
 
@@ -122,32 +131,41 @@ class Channel(kombu_redis.Channel):
         self._polls += 1
         return SHARE.get(self._polls % 8, TAKE_ORDER)
 
-    def take_high_now(self) -> bool:
-        """Take one waiting high job's message at once, if there is one (a plain RPOP).
+    def take_now(self) -> bool:
+        """Take the next message at once, by the same rule as a poll (see ``take_order``).
 
         Called as a batch finishes, before the freed pool process gets its next batch: a high
         job waiting in Redis while the worker is full of other work joins that batch rather
-        than waiting for the next. Delivered as a BRPOP's message is (recorded unacked).
+        than waiting for the next, and one grab in eight still looks at lower work first, as
+        polls do. One script pops the first non-empty list in order (no blocking); the
+        message is delivered as a BRPOP's is (recorded unacked).
         """
+        order = self.take_order()
         for queue in self.active_queues:
+            keys = [self._q_for_pri(queue, pri) for pri in order]
             try:
                 with self.conn_or_acquire() as client:
-                    item = client.rpop(self._q_for_pri(queue, HIGH))
+                    item = client.eval(_POP_FIRST, len(keys), *keys)
             except self.connection_errors:
                 return False
-            if item is None:
-                continue
-            if len(item) > self.max_message_bytes:
-                log.error("dropped a message of %d bytes, over the limit of %d", len(item),
-                          self.max_message_bytes)  # fmt: skip
-                return False
-            try:
-                self.connection._deliver(loads(bytes_to_str(item)), queue)
-            except (ValueError, TypeError, KeyError, AttributeError) as exc:
-                log.error("dropped a message that is not a kombu envelope (%s, %d bytes)",
-                          type(exc).__name__, len(item))  # fmt: skip
-            return True
+            if item is not None:
+                self._deliver_item(item, queue)
+                return True
         return False
+
+    def _deliver_item(self, item: bytes, queue: str) -> None:
+        """Hand a popped message to kombu, or drop it (logged by its length, never its
+        content) if it is over the byte limit or not a kombu envelope."""
+        if len(item) > self.max_message_bytes:
+            log.error("dropped a message of %d bytes, over the limit of %d "
+                      "(BATCHERY_MAX_MESSAGE_BYTES)", len(item),
+                      self.max_message_bytes)  # fmt: skip
+            return
+        try:
+            self.connection._deliver(loads(bytes_to_str(item)), queue)
+        except (ValueError, TypeError, KeyError, AttributeError) as exc:
+            log.error("dropped a message that is not a kombu envelope (%s, %d bytes)",
+                      type(exc).__name__, len(item))  # fmt: skip
 
     def _brpop_start(self, timeout: Any = None) -> None:
         # kombu 5.7's own, reading the priority lists in take_order()'s order rather than
@@ -180,17 +198,7 @@ class Channel(kombu_redis.Channel):
             dest, item = dest__item
             dest = bytes_to_str(dest).rsplit(self.sep, 1)[0]
             self._queue_cycle.rotate(dest)
-            if len(item) > self.max_message_bytes:
-                log.error("dropped a message of %d bytes, over the limit of %d "
-                          "(BATCHERY_MAX_MESSAGE_BYTES)", len(item),
-                          self.max_message_bytes)  # fmt: skip
-                return True
-            try:
-                payload = loads(bytes_to_str(item))
-                self.connection._deliver(payload, dest)
-            except (ValueError, TypeError, KeyError, AttributeError) as exc:
-                log.error("dropped a message that is not a kombu envelope (%s, %d bytes)",
-                          type(exc).__name__, len(item))  # fmt: skip
+            self._deliver_item(item, dest)
             return True
         finally:
             self._in_poll = None  # type: ignore[assignment]
