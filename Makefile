@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 PIP_QUIET := --quiet --disable-pip-version-check
 
-.PHONY: demo test lint lock model examples soak clean
+.PHONY: demo serve test lint lock model examples soak clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -28,15 +28,24 @@ UV_COMPILE := $(BIN)/uv pip compile pyproject.toml --generate-hashes --python-ve
 
 ## lock: refresh requirements/*.txt from pyproject.toml (newest versions it allows)
 lock: $(VENV)/.dev
-	$(UV_COMPILE) --upgrade --extra worker --extra signing -o requirements/worker.txt
+	$(UV_COMPILE) --upgrade --extra worker --extra gateway --extra signing -o requirements/worker.txt
 	$(UV_COMPILE) --upgrade --extra dev -o requirements/dev.txt
 
 ## demo: classify examples/digits through Redis and a real worker; prints the accuracy
 demo: $(VENV)/.worker
 	$(BIN)/batchery demo
 
+## serve: the demo, then its worker behind the web page and the API at http://127.0.0.1:8000
+serve: $(VENV)/.worker
+	$(BIN)/batchery demo --serve 8000
+
+# The web page's test drives Debian's headless chromium through its chromedriver.
+BROWSER := /usr/bin/chromium /usr/bin/chromedriver
+$(BROWSER):
+	apt-get update -qq && apt-get install -y -qq chromium chromium-driver
+
 ## test: lint, type-check and run the whole suite (unit + integration)
-test: $(VENV)/.dev
+test: $(VENV)/.dev | $(BROWSER)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy

@@ -7,6 +7,7 @@
 (d) Batchery bulk: ``batchery classify`` over the files on disk;
 (e) the limit: the same model called in-process on the same decoded images, same batch size;
 (f) Ray Serve with ``@serve.batch`` over HTTP, when ray[serve] is installed;
+(g) Batchery over HTTP: the (c) clients, each request through ``batchery serve``;
 (x) the (c) images submitted at once with ``explain=True``, beside the same without;
 (d') and (e') with ``--optimized METHOD``: the same model optimised to LiteRT, in bulk and
     in-process;
@@ -455,6 +456,10 @@ def run_bench(model: str, images: int, workers: int, chart: Path | None,
                 rows.append(run_lone(client, paths, 200 if model == "reference" else 30))
                 rows.append(run_online(client, medium, 64))
                 rows.append(run_explained(client, medium))
+                out("(g) ...")
+                from bench import gateway
+
+                rows.append(gateway.run(url, env, medium))
                 out("(d) ...")
                 bulk, producer_rss = run_bulk(url, folder, images, env)
                 rows.append(bulk)

@@ -15,5 +15,14 @@ for name in REDIS_PASSWORD FLOWER_PASSWORD GRAFANA_ADMIN_PASSWORD; do
             fi ;;
     esac
 done
+# The gateway serves /v1 without keys unless API_KEYS_FILE names them: only on loopback.
+case "${BIND_ADDRESS:-127.0.0.1}" in
+    127.0.0.1|localhost|::1) ;;
+    *)
+        if [ -z "${API_KEYS_FILE:-}" ]; then
+            echo "BIND_ADDRESS=$BIND_ADDRESS would publish the gateway without API keys: set API_KEYS_FILE in .env (a file of batchery serve --new-key lines)" >&2
+            status=1
+        fi ;;
+esac
 [ "$status" -eq 0 ] && echo "secrets: every one set, none an example"
 exit "$status"

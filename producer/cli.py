@@ -7,10 +7,9 @@ import json
 import sys
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
 
 from producer.errors import BatcheryError
-from producer.registry import PROMOTED_FILE, Registry
+from producer.registry import PROMOTED_FILE
 from producer.settings import Settings
 from producer.wire import PRIORITIES
 
@@ -184,6 +183,26 @@ def _parser() -> argparse.ArgumentParser:
         help="exit 1 unless a worker process on this host is alive (a container healthcheck)",
     )
 
+    p = sub.add_parser(
+        "serve", help="the HTTP gateway: the API at /v1, its docs at /docs, a web page at /"
+    )
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (127.0.0.1)")
+    p.add_argument("--port", type=int, default=8000, help="port (8000)")
+    p.add_argument(
+        "--no-webhooks", action="store_true",
+        help="deliver no webhooks from this process (others may)",
+    )  # fmt: skip
+    p.add_argument(
+        "--allow-unauthenticated", action="store_true",
+        help="bind a non-loopback address without BATCHERY_API_KEYS (something in front "
+        "authenticates, or a container port published on loopback)",
+    )  # fmt: skip
+    p.add_argument(
+        "--new-key", metavar="NAME",
+        help="print a new API key for NAME and its line for the BATCHERY_API_KEYS file; exit",
+    )  # fmt: skip
+    p.add_argument("--loglevel", default="info")
+
     p = sub.add_parser("bench", help="measure Batchery against the usual ways (a table, a chart)")
     p.add_argument("--model", choices=["reference", "mobilenet"], default="reference")
     p.add_argument("--images", type=int, help="files to classify (20000; mobilenet 500)")
@@ -206,6 +225,10 @@ def _parser() -> argparse.ArgumentParser:
         action="store_true",
         help="use the workers already serving BATCHERY_REDIS_URL",
     )
+    p.add_argument(
+        "--serve", type=int, nargs="?", const=8000, metavar="PORT",
+        help="then serve the web page and the API on 127.0.0.1:PORT (8000) until Ctrl-C",
+    )  # fmt: skip
     return parser
 
 
@@ -355,7 +378,7 @@ def _models(args: argparse.Namespace, settings: Settings) -> int:
         Registry(settings.model_dir) if action == "list" else Registry.from_settings(settings)
     )
     if action == "list":
-        rows = model_rows(registry)
+        rows = registry.rows()
         if args.json:
             print(json.dumps(rows, indent=2))
         else:
@@ -402,18 +425,6 @@ def _models(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
-def model_rows(registry: Registry) -> list[dict[str, Any]]:
-    """One JSON-ready object per version, for ``batchery models list``."""
-    rows: list[dict[str, Any]] = []
-    for name in registry.names():
-        promoted = registry.promoted(name)
-        for version in registry.versions(name):
-            meta = registry.get(name, version).meta
-            rows.append({**meta, "name": name, "version": version,
-                         "promoted": version == promoted})  # fmt: skip
-    return rows
-
-
 def _status(args: argparse.Namespace, settings: Settings) -> int:
     from producer.client import Client
     from producer.status import collect, render
@@ -434,6 +445,22 @@ def _status(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+def _serve(args: argparse.Namespace, settings: Settings) -> int:
+    if args.new_key:
+        from producer.apikeys import new_key
+
+        key, line = new_key(args.new_key)
+        print(f"key (give it to {args.new_key}; it is not stored anywhere): {key}")
+        print(f"line for the BATCHERY_API_KEYS file: {line}")
+        return 0
+    from producer.gateway import serve
+
+    serve(settings, args.host, args.port, webhooks=not args.no_webhooks,
+          allow_unauthenticated=args.allow_unauthenticated,
+          log_level=args.loglevel.lower())  # fmt: skip
+    return 0
+
+
 def _bench(args: argparse.Namespace, settings: Settings) -> int:
     import os
 
@@ -448,7 +475,8 @@ def _bench(args: argparse.Namespace, settings: Settings) -> int:
 def _demo(args: argparse.Namespace, settings: Settings) -> int:
     from producer.demo import DEFAULT_DIGITS, run_demo
 
-    run_demo(settings, args.digits or DEFAULT_DIGITS, sys.stdout, start_worker=not args.no_worker)
+    run_demo(settings, args.digits or DEFAULT_DIGITS, sys.stdout, start_worker=not args.no_worker,
+             serve_port=args.serve)  # fmt: skip
     return 0
 
 
@@ -462,6 +490,7 @@ _COMMANDS = {
     "train": _train,
     "models": _models,
     "status": _status,
+    "serve": _serve,
     "bench": _bench,
     "demo": _demo,
 }

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import replace
 from typing import Any, TypeVar
@@ -13,15 +13,20 @@ import redis
 
 from producer.errors import QueueFullError, RedisUnavailableError, ResultTimeoutError
 from producer.images import ImageInput, image_bytes
-from producer.ledger import Ledger
+from producer.ledger import PUSH_SCRIPT, PUSH_SHA, Ledger, is_noscript, push_command
 from producer.registry import Registry
 from producer.settings import Settings, redact_url
 from producer.signing import Signer
+from producer.webhooks import WebhookPolicy
 from producer.wire import (
+    JOB_KEY_PREFIX,
+    RESULT_KEY_PREFIX,
     STATS_KEY,
+    WEBHOOK_STREAM,
     Job,
     JobResult,
     build_message,
+    check_callback_url,
     check_deadline,
     check_flag,
     check_job_id,
@@ -30,6 +35,7 @@ from producer.wire import (
     chunk_jobs,
     decode_result_meta,
     encode_result_meta,
+    job_key,
     new_job_id,
     pending_result,
     result_key,
@@ -78,6 +84,7 @@ class Client:
         priority: str = "normal",
         deadline_s: float | None = None,
         explain: bool = False,
+        callback_url: str | None = None,
     ) -> str:
         """Enqueue one image; return its job id.
 
@@ -87,11 +94,13 @@ class Client:
         first. ``deadline_s``: if its batch has not started that many seconds after now, the
         job is answered ``EXPIRED`` without being computed (BATCHERY_DEFAULT_DEADLINE_S when
         None). ``explain``: the result also carries an ``explanation``, an attribution map
-        for the predicted class. Raises :class:`~producer.errors.InvalidImageError` before
-        enqueueing anything if the input can't be sent.
+        for the predicted class. ``callback_url``: see :meth:`submit_many`. Raises
+        :class:`~producer.errors.InvalidImageError` before enqueueing anything if the input
+        can't be sent.
         """
         return self.submit_many([image], model=model, version=version, priority=priority,
-                                deadline_s=deadline_s, explain=explain)[0]  # fmt: skip
+                                deadline_s=deadline_s, explain=explain,
+                                callback_url=callback_url)[0]  # fmt: skip
 
     def submit_many(
         self,
@@ -102,6 +111,8 @@ class Client:
         priority: str = "normal",
         deadline_s: float | None = None,
         explain: bool = False,
+        callback_url: str | None = None,
+        owner: str | None = None,
     ) -> list[str]:
         """Enqueue many images in one round trip; return their job ids in input order.
 
@@ -109,12 +120,28 @@ class Client:
         up to ``chunk_size`` to a message (fewer when their images pass
         BATCHERY_MAX_MESSAGE_BYTES together); each keeps its own id and its own result.
         ``priority``, ``deadline_s`` and ``explain`` as for :meth:`submit`.
+        ``callback_url``: once answered, each job's result is POSTed there by a gateway's
+        webhook delivery (see docs/http.md); refused unless BATCHERY_WEBHOOK_ALLOW allows it.
+        ``owner``: the name recorded with the jobs (the gateway's API key name).
         """
         job = self.job_template(model, version, priority, deadline_s, explain=explain)
+        record = self.job_record(callback_url, owner)
         limits = self.settings.max_image_bytes, self.settings.max_image_pixels
         jobs = [replace(job, id=new_job_id(), image=image_bytes(img, *limits)) for img in images]
-        self.enqueue(jobs)
+        self.enqueue(jobs, {job.id: record for job in jobs})
         return [job.id for job in jobs]
+
+    def job_record(self, callback_url: str | None = None, owner: str | None = None
+                   ) -> dict[str, str]:  # fmt: skip
+        """The record :meth:`enqueue` writes for a job (see ``wire.JOB_KEY_PREFIX``), checked:
+        a callback URL this deployment may not call is refused here, before enqueueing."""
+        record = {"at": f"{time.time():.3f}"}
+        if owner is not None:
+            record["owner"] = check_name("owner", owner) or ""
+        if check_callback_url(callback_url) is not None:
+            WebhookPolicy.from_settings(self.settings).check_url(str(callback_url))
+            record["callback"] = str(callback_url)
+        return record
 
     def job_template(
         self,
@@ -151,15 +178,20 @@ class Client:
             return []
         metas = [encode_result_meta(JobResult.cancelled(job_id)) for job_id in ids]
         keys = [result_key(job_id) for job_id in ids]
+        args: list[Any] = [self.settings.result_ttl_s, RESULT_KEY_PREFIX, JOB_KEY_PREFIX, *metas]
 
         def run() -> list[int]:
-            return list(self._cancel(keys=[STATS_KEY, *keys],
-                                     args=[self.settings.result_ttl_s, *metas]))  # fmt: skip
+            return list(self._cancel(keys=[STATS_KEY, WEBHOOK_STREAM, *keys], args=args))
 
         return [bool(flag) for flag in self.retrying(run)]
 
-    def enqueue(self, jobs: Sequence[Job]) -> None:
+    def enqueue(
+        self, jobs: Sequence[Job], records: Mapping[str, Mapping[str, str]] | None = None
+    ) -> None:
         """Push already checked jobs, ``chunk_size`` to a message, in one LPUSH (all or none).
+
+        ``records``: job id -> its record (:meth:`job_record`), written in the same
+        transaction, before any worker can see the job. Bulk runs send none.
 
         Group commit: while one thread's push is on the wire, jobs other threads enqueue wait
         and then leave together in the next push, packed into shared messages. Many
@@ -168,7 +200,7 @@ class Client:
         """
         if not jobs:
             return
-        ticket = _Ticket(list(jobs))
+        ticket = _Ticket(list(jobs), dict(records or {}))
         with self._outbox_ready:
             self._outbox.append(ticket)
             while not ticket.sent:
@@ -183,7 +215,8 @@ class Client:
                 return
         error: BaseException | None = None
         try:
-            self._push([job for t in batch for job in t.jobs])
+            self._push([job for t in batch for job in t.jobs],
+                       {jid: rec for t in batch for jid, rec in t.records.items()})  # fmt: skip
         except BaseException as exc:
             error = exc
         with self._outbox_ready:
@@ -194,7 +227,7 @@ class Client:
         if error is not None:
             raise error
 
-    def _push(self, jobs: list[Job]) -> None:
+    def _push(self, jobs: list[Job], records: dict[str, Mapping[str, str]]) -> None:
         settings = self.settings
         queue = settings.queue
         messages = [
@@ -204,13 +237,33 @@ class Client:
         limit = settings.max_queue
 
         def push() -> int:
-            return self._ledger.push(messages, settings.visibility_timeout_s, limit)
+            if not records:
+                return self._ledger.push(messages, settings.visibility_timeout_s, limit)
+            # The records first, in the same transaction: a worker that answers a job finds
+            # its record (its callback) whatever the timing. Rewritten if the push is
+            # retried: they are the same records.
+            keys, args = push_command(queue, messages, settings.visibility_timeout_s, limit)
+            with self._redis.pipeline(transaction=True) as pipe:
+                for job_id, record in records.items():
+                    fields: dict[Any, Any] = dict(record)
+                    pipe.hset(job_key(job_id), mapping=fields)
+                    pipe.expire(job_key(job_id), settings.result_ttl_s)
+                pipe.evalsha(PUSH_SHA, len(keys), *keys, *args)
+                try:
+                    return int(pipe.execute()[-1])
+                except redis.ResponseError as exc:
+                    if not is_noscript(exc):
+                        raise
+            self._redis.script_load(PUSH_SCRIPT)
+            return push()
 
         # One atomic script: all messages or none, recorded in the ledger. A bounded queue
         # that is full waits (bounded) for workers to drain it.
         deadline = time.monotonic() + self.settings.queue_wait_s
         while self.retrying(push) < 0:
             if time.monotonic() >= deadline:
+                if records:  # nothing of them was pushed: no job is known by these ids
+                    self.retrying(lambda: self._redis.unlink(*map(job_key, records)))
                 raise QueueFullError(
                     f"queue {queue!r} is full (BATCHERY_MAX_QUEUE={limit} messages) and did not "
                     f"drain within {self.settings.queue_wait_s:g} s (BATCHERY_QUEUE_WAIT); "
@@ -389,18 +442,23 @@ class Client:
 
 T = TypeVar("T")
 
-# KEYS: the stats hash, then a result key per job. ARGV: ttl, then the CANCELLED meta per
-# job. A job with no result gets CANCELLED (published to anyone waiting); one with a result
-# keeps it. Returns a 1 (cancelled) or 0 (already answered) per job.
+# KEYS: the stats hash, the webhook stream, then a result key per job. ARGV: ttl, the result
+# and job key prefixes, then the CANCELLED meta per job. A job with no result gets CANCELLED
+# (published to anyone waiting, and to its callback if it has one); one with a result keeps
+# it. Returns a 1 (cancelled) or 0 (already answered) per job.
 _CANCEL = """
 local flags, n = {}, 0
-for i = 2, #KEYS do
-  if redis.call('SET', KEYS[i], ARGV[i], 'EX', tonumber(ARGV[1]), 'NX') then
-    redis.call('PUBLISH', KEYS[i], ARGV[i])
-    flags[i - 1] = 1
+for i = 3, #KEYS do
+  local meta = ARGV[i + 1]
+  if redis.call('SET', KEYS[i], meta, 'EX', tonumber(ARGV[1]), 'NX') then
+    redis.call('PUBLISH', KEYS[i], meta)
+    local id = string.sub(KEYS[i], #ARGV[2] + 1)
+    local url = redis.call('HGET', ARGV[3] .. id, 'callback')
+    if url then redis.call('XADD', KEYS[2], '*', 'job', id, 'url', url) end
+    flags[i - 2] = 1
     n = n + 1
   else
-    flags[i - 1] = 0
+    flags[i - 2] = 0
   end
 end
 if n > 0 then redis.call('HINCRBY', KEYS[1], 'cancelled', n) end
@@ -411,9 +469,10 @@ return flags
 class _Ticket:
     """Jobs waiting in a client's outbox for a group push."""
 
-    __slots__ = ("error", "jobs", "sent")
+    __slots__ = ("error", "jobs", "records", "sent")
 
-    def __init__(self, jobs: list[Job]) -> None:
+    def __init__(self, jobs: list[Job], records: dict[str, Mapping[str, str]]) -> None:
         self.jobs = jobs
+        self.records = records
         self.sent = False
         self.error: BaseException | None = None

@@ -6,7 +6,7 @@ import time
 from contextlib import ExitStack
 from dataclasses import replace
 from pathlib import Path
-from typing import TextIO
+from typing import Any, TextIO
 
 from producer.client import Client
 from producer.errors import RedisUnavailableError
@@ -24,13 +24,16 @@ def expected_label(path: Path) -> str:
 
 
 def run_demo(
-    settings: Settings, digits: Path, out: TextIO, start_worker: bool = True, timeout: float = 300.0
-) -> float:
+    settings: Settings, digits: Path, out: TextIO, start_worker: bool = True,
+    timeout: float = 300.0, serve_port: int | None = None,
+) -> float:  # fmt: skip
     """Classify every image in ``digits``; print each result and the accuracy; return it.
 
     Uses ``settings.redis_url`` if a Redis answers there, else starts a redis-server on a free
     port. Starts a worker unless ``start_worker`` is False (then the workers already serving
-    that Redis answer). Stops whatever it started.
+    that Redis answer). ``serve_port``: then serve the gateway (the web page and the API) on
+    127.0.0.1 at that port, on the same Redis and worker, until interrupted. Stops whatever
+    it started.
     """
     files = sorted(p for p in Path(digits).iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS)
     if not files:
@@ -69,7 +72,22 @@ def run_demo(
         ids = client.submit_many(files)
         results = client.results(ids, timeout=timeout)
         elapsed = time.monotonic() - started
+        accuracy = report(files, results, elapsed, out)
+        if serve_port is not None:
+            from producer.gateway import serve
 
+            print(f"\nthe web page: open http://127.0.0.1:{serve_port} (Ctrl-C stops it all)",
+                  file=out, flush=True)  # fmt: skip
+            serve(settings, "127.0.0.1", serve_port, log_level="warning")
+    if serve_port is None:
+        print("next: `make serve`, then open http://127.0.0.1:8000 to drop your own digits "
+              "(or `batchery serve` beside your workers)", file=out)  # fmt: skip
+    return accuracy
+
+
+def report(files: list[Path], results: list[dict[str, Any]], elapsed: float, out: TextIO
+           ) -> float:  # fmt: skip
+    """Print each result against the label in its file name, and the accuracy; return it."""
     right = 0
     for path, result in zip(files, results, strict=True):
         truth = expected_label(path)
@@ -86,5 +104,5 @@ def run_demo(
         )
     accuracy = right / len(files)
     print(f"classified {len(files)} images in {elapsed * 1000:.0f} ms through Redis", file=out)
-    print(f"accuracy: {accuracy * 100:.1f}%", file=out)
+    print(f"accuracy: {accuracy * 100:.1f}%", file=out, flush=True)
     return accuracy

@@ -15,6 +15,18 @@ class InvalidImageError(BatcheryError):
     """An input is not an image Batchery accepts (missing, empty, too big, wrong format)."""
 
 
+class ImageTooLargeError(InvalidImageError):
+    """An input is over the byte limit (BATCHERY_MAX_IMAGE_BYTES): an HTTP 413."""
+
+
+class UnsupportedFormatError(InvalidImageError):
+    """An input is an image in a format outside the allow-list (GIF, TIFF, ...): an HTTP 415."""
+
+
+class WebhookRefusedError(BatcheryError):
+    """A callback URL is not one this deployment may call (scheme, form, or allow-list)."""
+
+
 class WireError(BatcheryError):
     """A message or result on the wire cannot be decoded."""
 

@@ -15,7 +15,7 @@ from typing import Any, TypeAlias
 import numpy as np
 from PIL import Image
 
-from producer.errors import InvalidImageError
+from producer.errors import ImageTooLargeError, InvalidImageError, UnsupportedFormatError
 
 #: Formats accepted end to end. Pillow reads many more; each one is attack surface.
 ALLOWED_FORMATS = frozenset({"PNG", "JPEG", "WEBP", "BMP"})
@@ -88,7 +88,7 @@ def check_image_bytes(data: bytes, name: str, max_bytes: int, max_pixels: int) -
     if not data:
         raise InvalidImageError(f"{name}: empty input")
     if len(data) > max_bytes:
-        raise InvalidImageError(
+        raise ImageTooLargeError(
             f"{name}: {len(data)} bytes is over the limit of {max_bytes} bytes "
             "(BATCHERY_MAX_IMAGE_BYTES)"
         )
@@ -130,7 +130,7 @@ def _other_format(data: bytes, name: str) -> InvalidImageError:
         other = "HEIF/AVIF"
     if other is None:
         return InvalidImageError(f"{name}: not a readable image (accepted: {allowed})")
-    return InvalidImageError(f"{name}: format {other} is not accepted (allowed: {allowed})")
+    return UnsupportedFormatError(f"{name}: format {other} is not accepted (allowed: {allowed})")
 
 
 class _Truncated(ValueError):
@@ -241,13 +241,13 @@ def read_file(path: str | os.PathLike[str], max_bytes: int) -> bytes:
         if not stat.S_ISREG(info.st_mode):
             raise InvalidImageError(f"{path}: not a regular file (a device, a FIFO or a socket)")
         if info.st_size > max_bytes:
-            raise InvalidImageError(
+            raise ImageTooLargeError(
                 f"{path}: {info.st_size} bytes is over the limit of {max_bytes} bytes "
                 "(BATCHERY_MAX_IMAGE_BYTES)"
             )
         data = fh.read(max_bytes + 1)
     if len(data) > max_bytes:  # it grew while we read it
-        raise InvalidImageError(
+        raise ImageTooLargeError(
             f"{path}: over the limit of {max_bytes} bytes (BATCHERY_MAX_IMAGE_BYTES)"
         )
     return data

@@ -19,6 +19,7 @@ jobs' results would have expired anyway.
 
 from __future__ import annotations
 
+import hashlib
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -95,6 +96,30 @@ return resent
 """
 
 
+#: The push script's SHA-1: pipelines (the records of online jobs go with their push, in one
+#: transaction) run it as EVALSHA, loading it on NOSCRIPT (:func:`is_noscript`).
+PUSH_SHA = hashlib.sha1(_PUSH.encode()).hexdigest()
+PUSH_SCRIPT = _PUSH
+
+
+def push_command(
+    queue: str, messages: Sequence[Message], check_after_s: float, limit: int = 0
+) -> tuple[list[str], list[Any]]:
+    """The push script's keys and arguments for these messages (see :meth:`Ledger.push`)."""
+    now = time.time()
+    args: list[Any] = [limit, now + check_after_s, f"{now:.3f}"]
+    index = {priority: i + 3 for i, priority in enumerate(PRIORITIES)}  # KEYS are 1-based
+    for message in messages:
+        args += [index[message.priority], message.id, message.tag, message.raw]
+    lists = [queue_key(queue, priority) for priority in PRIORITIES]
+    return [ledger_key(queue), ledger_due_key(queue), *lists], args
+
+
+def is_noscript(exc: BaseException) -> bool:
+    """Whether Redis refused an EVALSHA because it does not hold the script (yet)."""
+    return isinstance(exc, redis.exceptions.NoScriptError) or "NOSCRIPT" in str(exc)
+
+
 class Ledger:
     """One queue's ledger: the scripts are registered once, run by their sha after that."""
 
@@ -109,12 +134,8 @@ class Ledger:
     def push(self, messages: Sequence[Message], check_after_s: float, limit: int = 0) -> int:
         """Push messages, each onto its priority's list, and record them, atomically;
         -1 (nothing pushed) if that would pass ``limit`` messages waiting."""
-        now = time.time()
-        args: list[Any] = [limit, now + check_after_s, f"{now:.3f}"]
-        index = {priority: i + 3 for i, priority in enumerate(PRIORITIES)}  # KEYS are 1-based
-        for message in messages:
-            args += [index[message.priority], message.id, message.tag, message.raw]
-        return int(self._push(keys=[*self.keys, *self.lists], args=args))
+        keys, args = push_command(self.queue, messages, check_after_s, limit)
+        return int(self._push(keys=keys, args=args))
 
     def sweep(
         self, check_after_s: float, expire_s: float, every_s: float = 1.0, most: int = 20

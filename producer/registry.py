@@ -152,6 +152,18 @@ class Registry:
             return []
         return sorted(p.name for p in self.root.iterdir() if p.is_dir() and self.versions(p.name))
 
+    def rows(self) -> list[dict[str, Any]]:
+        """One JSON-ready object per version: its manifest, name, version and whether it is
+        promoted (``batchery models list --json``, ``GET /v1/models``)."""
+        rows: list[dict[str, Any]] = []
+        for name in self.names():
+            promoted = self.promoted(name)
+            for version in self.versions(name):
+                meta = self.get(name, version).meta
+                rows.append({**meta, "name": name, "version": version,
+                             "promoted": version == promoted})  # fmt: skip
+        return rows
+
     def versions(self, name: str) -> list[str]:
         """A model's versions, oldest first."""
         folder = self.root / name

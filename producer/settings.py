@@ -54,6 +54,16 @@ class Settings:
     prefetch_bytes: int = 64 * 1024 * 1024
     batch_time_limit_s: float = 120.0
     default_deadline_s: float | None = None
+    api_keys: Path | None = None
+    api_rate: float = 20.0
+    api_burst: int = 200
+    webhook_secret: str | None = field(default=None, repr=False)
+    webhook_allow: tuple[str, ...] = ()
+    webhook_retry_s: float = 3600.0
+    webhook_timeout_s: float = 10.0
+    http_max_body: int = 64 * 1024 * 1024
+    http_max_wait_s: float = 60.0
+    http_body_timeout_s: float = 30.0
 
     def __post_init__(self) -> None:
         if self.chunk_size > MAX_JOBS_PER_MESSAGE:
@@ -70,6 +80,8 @@ class Settings:
             )
         if bool(self.redis_tls_cert) != bool(self.redis_tls_key):
             raise ConfigError("BATCHERY_REDIS_TLS_CERT and BATCHERY_REDIS_TLS_KEY go together")
+        if self.webhook_secret is not None and len(self.webhook_secret) < 16:
+            raise ConfigError("BATCHERY_WEBHOOK_SECRET must be at least 16 characters")
         signing = (self.signing_key, self.signing_cert, self.signing_certs)
         if any(signing) and not all(signing):
             raise ConfigError(
@@ -198,6 +210,30 @@ class Settings:
                 float(number("BATCHERY_DEFAULT_DEADLINE_S", 0.0, float, minimum=0.001))
                 if env.get("BATCHERY_DEFAULT_DEADLINE_S", "").strip()
                 else None
+            ),
+            api_keys=path("BATCHERY_API_KEYS"),
+            api_rate=float(number("BATCHERY_API_RATE", defaults.api_rate, float, minimum=0.001)),
+            api_burst=int(number("BATCHERY_API_BURST", defaults.api_burst)),
+            webhook_secret=env.get("BATCHERY_WEBHOOK_SECRET", "").strip() or None,
+            webhook_allow=tuple(
+                entry.strip()
+                for entry in env.get("BATCHERY_WEBHOOK_ALLOW", "").split(",")
+                if entry.strip()
+            ),
+            webhook_retry_s=float(
+                number("BATCHERY_WEBHOOK_RETRY_S", defaults.webhook_retry_s, float)
+            ),
+            webhook_timeout_s=float(
+                number("BATCHERY_WEBHOOK_TIMEOUT_S", defaults.webhook_timeout_s, float, 0.1)
+            ),
+            http_max_body=int(
+                number("BATCHERY_HTTP_MAX_BODY", defaults.http_max_body, minimum=1024)
+            ),
+            http_max_wait_s=float(
+                number("BATCHERY_HTTP_MAX_WAIT", defaults.http_max_wait_s, float, minimum=0)
+            ),
+            http_body_timeout_s=float(
+                number("BATCHERY_HTTP_BODY_TIMEOUT", defaults.http_body_timeout_s, float, 0.1)
             ),
         )
 

@@ -15,6 +15,7 @@ from producer.wire import (
     PRIORITIES,
     STATS_KEY,
     UNACKED_KEY,
+    WEBHOOK_STREAM,
     queue_key,
 )
 
@@ -37,7 +38,8 @@ def collect(client: Client) -> dict[str, Any]:
         pipe.hlen(UNACKED_KEY)
         pipe.hgetall(STATS_KEY)
         pipe.llen(DEAD_LETTER_KEY)
-        *depths, in_flight, stats, dead = pipe.execute()
+        pipe.xlen(WEBHOOK_STREAM)
+        *depths, in_flight, stats, dead, hooks = pipe.execute()
     stats = {k.decode(): v.decode() for k, v in stats.items()}
     by_priority = dict(zip(PRIORITIES, (int(d) for d in depths), strict=True))
     return {
@@ -57,6 +59,9 @@ def collect(client: Client) -> dict[str, Any]:
         "cancelled_late": int(stats.get("cancelled_late", 0)),
         "refused": int(stats.get("refused", 0)),
         "dead_letters": dead,
+        "webhooks_pending": hooks,
+        "webhooks_delivered": int(stats.get("webhooks_delivered", 0)),
+        "webhooks_failed": int(stats.get("webhooks_failed", 0)),
     }
 
 
@@ -76,6 +81,8 @@ def render(status: dict[str, Any]) -> str:
         f"{status['cancelled_late']} computed after being cancelled, "
         f"{status['refused']} refused without an id",
         f"dead letters   {status['dead_letters']}",
+        f"webhooks       {status['webhooks_pending']} to deliver, "
+        f"{status['webhooks_delivered']} delivered, {status['webhooks_failed']} given up",
     ]
     if "jobs_per_s" in status:
         lines.append(

@@ -22,6 +22,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any, NamedTuple, Protocol
+from urllib.parse import urlsplit
 
 from producer.errors import InvalidJobError, WireError
 
@@ -107,6 +108,29 @@ def heartbeat_key(worker: str) -> str:
 
 
 HEARTBEAT_PREFIX = "batchery:worker:"
+
+#: A job's record, written by ``Client.submit_many`` before its message is pushed (a hash;
+#: expires with the results): ``owner`` (the API key's name that sent it), ``callback`` (the
+#: URL its result is POSTed to). It tells a known job from an unknown id before it is answered.
+JOB_KEY_PREFIX = "batchery:job:"
+
+#: Webhook deliveries due (a Redis stream of ``job``, ``url`` entries, added by the script
+#: that stores the job's result), read by the gateways' consumer group.
+WEBHOOK_STREAM = "batchery:webhooks"
+WEBHOOK_GROUP = "gateways"
+#: The last deliveries given up on (a capped list of JSON objects).
+WEBHOOK_FAILED_KEY = "batchery:webhooks:failed"
+
+
+def job_key(job_id: str) -> str:
+    """The Redis hash recording a submitted job (see :data:`JOB_KEY_PREFIX`)."""
+    return f"{JOB_KEY_PREFIX}{job_id}"
+
+
+def rate_key(owner: str) -> str:
+    """An API key's rate limiter state (its theoretical arrival time, in ms)."""
+    return f"batchery:rate:{owner}"
+
 
 #: A message's header saying how many jobs it carries (workers prefetch by jobs, not messages).
 JOBS_HEADER = "batchery_jobs"
@@ -205,6 +229,38 @@ def check_deadline(value: Any) -> float | None:
             f"deadline_s must be above 0 and at most {MAX_DEADLINE_S:g} seconds (30 days)"
         )
     return seconds
+
+
+#: Longest callback URL a job may carry.
+MAX_URL_CHARS = 2048
+
+
+def check_callback_url(value: Any) -> str | None:
+    """A callback URL's form: None, or ``http(s)://host[:port]/...`` with no user or password,
+    no whitespace or control characters, at most :data:`MAX_URL_CHARS` characters.
+
+    Whether this deployment may call it is the webhook policy's question (webhooks.py).
+    """
+    if value is None:
+        return None
+    if not isinstance(value, str) or not value:
+        raise InvalidJobError(f"callback_url must be a URL, got {excerpt(value)}")
+    if len(value) > MAX_URL_CHARS:
+        raise InvalidJobError(f"callback_url is over {MAX_URL_CHARS} characters")
+    if any(ch.isspace() or not ch.isprintable() for ch in value):
+        raise InvalidJobError("callback_url holds whitespace or control characters")
+    try:
+        parts = urlsplit(value)
+        port = parts.port
+    except ValueError as exc:
+        raise InvalidJobError(f"callback_url {excerpt(value)} is not a URL: {exc}") from exc
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise InvalidJobError(f"callback_url {excerpt(value)} is not an http(s) URL with a host")
+    if parts.username is not None or parts.password is not None:
+        raise InvalidJobError("callback_url must not carry a user name or password")
+    if port == 0:
+        raise InvalidJobError("callback_url has port 0")
+    return value
 
 
 def plausible_time(value: Any) -> float:

@@ -27,8 +27,11 @@ from producer.wire import (
     DEAD_LETTER_KEY,
     EXPIRED,
     FAILURE,
+    JOB_KEY_PREFIX,
+    RESULT_KEY_PREFIX,
     STATS_KEY,
     SUCCESS,
+    WEBHOOK_STREAM,
     Job,
     JobResult,
     Refusal,
@@ -373,7 +376,8 @@ def store_results(
     ledger. ``batch``: count a batch (not for refused messages). ``refused``: jobs refused
     without an id to answer them by.
     """
-    args: list[Any] = [ttl_s, f"{time.time():.3f}", 1 if batch else 0, refused]
+    args: list[Any] = [ttl_s, f"{time.time():.3f}", 1 if batch else 0, refused,
+                       RESULT_KEY_PREFIX, JOB_KEY_PREFIX]  # fmt: skip
     for result in results:
         args += [
             result_key(result.job_id),
@@ -382,7 +386,7 @@ def store_results(
             STAT_OF[result.status],
         ]
     with client.pipeline(transaction=False) as pipe:
-        pipe.eval(_STORE, 1, STATS_KEY, *args)
+        pipe.eval(_STORE, 2, STATS_KEY, WEBHOOK_STREAM, *args)
         if results:
             pipe.delete(*(deaths_key(result.job_id) for result in results))
         settle(pipe, queue, settled)
@@ -392,16 +396,22 @@ def store_results(
 #: The stats counter of each status a worker stores.
 STAT_OF = {SUCCESS: "done", FAILURE: "failed", EXPIRED: "expired"}
 
-# KEYS[1]: the stats hash. ARGV: ttl, now, batches, refused, then key, meta, notify, counter
-# per result. A result already there is kept; if it is a cancellation, this one was computed
-# for nothing (counted as cancelled_late), else it was computed twice.
+# KEYS: the stats hash, the webhook stream. ARGV: ttl, now, batches, refused, the result and
+# job key prefixes, then key, meta, notify, counter per result. A stored result whose job's
+# record names a callback queues a webhook delivery, in the same script: no answer is stored
+# without its delivery. A result already there is kept; if it is a cancellation, this one
+# was computed for nothing (counted as cancelled_late), else it was computed twice.
 _STORE = """
 local counts = {done = 0, failed = 0, expired = 0}
 local twice, late = 0, 0
-for i = 5, #ARGV, 4 do
+local skip = #ARGV[5] + 1
+for i = 7, #ARGV, 4 do
   if redis.call('SET', ARGV[i], ARGV[i + 1], 'EX', tonumber(ARGV[1]), 'NX') then
     if ARGV[i + 2] == '1' then redis.call('PUBLISH', ARGV[i], ARGV[i + 1]) end
     counts[ARGV[i + 3]] = counts[ARGV[i + 3]] + 1
+    local id = string.sub(ARGV[i], skip)
+    local url = redis.call('HGET', ARGV[6] .. id, 'callback')
+    if url then redis.call('XADD', KEYS[2], '*', 'job', id, 'url', url) end
   elseif string.find(redis.call('GET', ARGV[i]) or '', '"status": "CANCELLED"', 1, true) then
     late = late + 1
   else

@@ -59,6 +59,14 @@ def test_every_way_answers_every_image(redis_server, worker, client: Client, ima
     assert text.count("\n| (") == 7 and "| way | images | img/s | p50 ms | p99 ms |" in text
 
 
+def test_the_http_row_answers_every_image_through_a_gateway(redis_server, worker, images) -> None:
+    from bench import gateway
+
+    row = gateway.run(redis_server.url, {}, images[:64], clients=8)
+    assert row.name.startswith("(g)") and row.images == 64
+    assert len(row.latencies or []) == 64 and row.rate > 0
+
+
 def test_mobilenet_images_are_224_rgb_jpegs(tmp_path) -> None:
     from PIL import Image
 

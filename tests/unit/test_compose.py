@@ -215,3 +215,41 @@ def test_workers_share_the_model_registry_read_only() -> None:
                 if "./models:/app/models" in service.get("volumes", [])]  # fmt: skip
     assert writable == ["models"] and services["models"]["profiles"] == ["admin"]
     assert "ENV BATCHERY_MODEL_DIR=/app/models" in (ROOT / "Dockerfile").read_text()
+
+
+def test_the_gateway_scales_on_loopback_and_takes_keys_when_given(tmp_path: Path) -> None:
+    gateway = compose()["services"]["gateway"]
+    assert "container_name" not in gateway
+    [port] = gateway["ports"]
+    assert port == "${BIND_ADDRESS:-127.0.0.1}:8000-8009:8000"  # a range: --scale works
+    assert gateway["environment"]["BATCHERY_REDIS_URL"].startswith("redis://batchery:")
+    assert "./models:/app/models:ro" in gateway["volumes"]
+    assert gateway["entrypoint"] == ["sh", "-c"]
+    [script] = gateway["command"]
+    serve = script.split("exec batchery ", 1)[1].split()
+    proc = subprocess.run([sys.executable, "-m", "producer.cli", *serve[:1], "--help"],
+                          capture_output=True, text=True, cwd=ROOT)  # fmt: skip
+    assert proc.returncode == 0
+    assert all(flag in proc.stdout for flag in serve if flag.startswith("--"))
+    # The entrypoint's shell, run with a `batchery` that shows what it was given.
+    fake = tmp_path / "bin"
+    fake.mkdir()
+    (fake / "batchery").write_text('#!/bin/sh\necho "keys=${BATCHERY_API_KEYS:-none} $*"\n')
+    (fake / "batchery").chmod(0o755)
+    keys = tmp_path / "api-keys"
+    for content, expected in (("", "keys=none"), ("alice:" + "0" * 64, f"keys={keys}")):
+        keys.write_text(content)
+        ran = subprocess.run(["sh", "-c", script.replace("/etc/batchery/api-keys", str(keys))],
+                             capture_output=True, text=True,
+                             env={"PATH": f"{fake}:/usr/bin:/bin"})  # fmt: skip
+        assert ran.stdout.startswith(expected + " serve --host 0.0.0.0"), ran.stdout
+    assert (ROOT / "deploy" / "no-api-keys").read_text() == ""  # the default: no keys
+
+
+def test_a_public_gateway_without_keys_is_refused() -> None:
+    strong = "0123456789abcdef0123456789abcdef"
+    secrets = dict(REDIS_PASSWORD=strong, FLOWER_PASSWORD=strong, GRAFANA_ADMIN_PASSWORD=strong)
+    public = run_check(**secrets, BIND_ADDRESS="0.0.0.0")
+    assert public.returncode == 1 and "API_KEYS_FILE" in public.stderr
+    assert run_check(**secrets, BIND_ADDRESS="0.0.0.0", API_KEYS_FILE="./keys").returncode == 0
+    assert run_check(**secrets, BIND_ADDRESS="127.0.0.1").returncode == 0

@@ -1,0 +1,331 @@
+"""The gateway's OpenAPI document (3.0.3, what the bundled Swagger UI renders), by hand.
+
+Written out rather than generated: raw image bodies and multipart uploads are the API's
+heart, and a generator would describe them less exactly than these lines. A test checks it
+against the OpenAPI schema and against the gateway's routes, so the two can't drift apart.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from producer.images import ALLOWED_FORMATS
+from producer.settings import Settings
+from producer.wire import MAX_JOB_ID_CHARS, PRIORITIES
+
+#: The Content-Types a raw image body may carry (the bytes decide the format).
+IMAGE_TYPES = ("image/png", "image/jpeg", "image/webp", "image/bmp", "application/octet-stream")
+
+
+def _error(description: str, retry_after: bool = False) -> dict[str, Any]:
+    response: dict[str, Any] = {
+        "description": description,
+        "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}},
+    }
+    if retry_after:
+        response["headers"] = {
+            "Retry-After": {"description": "seconds to wait", "schema": {"type": "integer"}}
+        }
+    return response
+
+
+def _field(name: str, schema: dict[str, Any], description: str) -> dict[str, Any]:
+    return {
+        "name": name,
+        "in": "query",
+        "required": False,
+        "schema": schema,
+        "description": description,
+    }
+
+
+def document(settings: Settings) -> dict[str, Any]:
+    """The OpenAPI document of a gateway with these settings."""
+    job_fields: dict[str, tuple[dict[str, Any], str]] = {
+        "model": (
+            {"type": "string", "pattern": "^[A-Za-z0-9_][A-Za-z0-9._-]{0,63}$"},
+            "model name (default: the workers' default model)",
+        ),
+        "version": (
+            {"type": "string", "pattern": "^[0-9]+$"},
+            "model version (default: the promoted one)",
+        ),
+        "priority": (
+            {"type": "string", "enum": list(PRIORITIES), "default": "normal"},
+            "workers take higher work first",
+        ),
+        "deadline_s": (
+            {"type": "number", "exclusiveMinimum": True, "minimum": 0},
+            "answer EXPIRED, uncomputed, if not started within this many seconds",
+        ),
+        "explain": (
+            {"type": "boolean", "default": False},
+            "the result also carries an attribution map (a PNG) for its label",
+        ),
+        "callback_url": (
+            {"type": "string", "format": "uri", "maxLength": 2048},
+            "POST the result here once answered (signed; see docs/http.md)",
+        ),
+    }
+    auth: list[dict[str, list[str]]] = [{"apiKey": []}] if settings.api_keys else []
+    unauthorized = {"401": _error("no API key, or not a known one")} if settings.api_keys else {}
+    limited = {"429": _error("this key's rate limit is spent", retry_after=True)}
+    job_id = {
+        "name": "job_id",
+        "in": "path",
+        "required": True,
+        "schema": {"type": "string", "maxLength": MAX_JOB_ID_CHARS},
+    }
+    form_properties: dict[str, Any] = {
+        "images": {
+            "type": "array",
+            "items": {"type": "string", "format": "binary"},
+            "description": "one or more image files, in the order their ids come back",
+        },
+        **{name: {**schema, "description": text} for name, (schema, text) in job_fields.items()},
+    }
+    return {
+        "openapi": "3.0.3",
+        "info": {
+            "title": "Batchery",
+            "version": "1",
+            "description": "Classify images as asynchronous jobs: submit, then poll or wait "
+            "for the result, or have it POSTed to a callback. Accepted formats: "
+            f"{', '.join(sorted(ALLOWED_FORMATS))}; at most {settings.max_image_bytes} bytes "
+            f"and {settings.max_image_pixels} pixels an image.",
+        },
+        "paths": {
+            "/v1/jobs": {
+                "post": {
+                    "summary": "Submit images as jobs",
+                    "operationId": "submitJobs",
+                    "security": auth,
+                    "parameters": [
+                        *(_field(n, s, t) for n, (s, t) in job_fields.items()),
+                        _field(
+                            "wait",
+                            {"type": "number", "minimum": 0, "maximum": settings.http_max_wait_s},
+                            "wait up to this many seconds for the answers: 200 with them "
+                            "if all come in time",
+                        ),
+                    ],
+                    "requestBody": {
+                        "required": True,
+                        "content": {
+                            **{
+                                kind: {"schema": {"type": "string", "format": "binary"}}
+                                for kind in IMAGE_TYPES
+                            },
+                            "multipart/form-data": {
+                                "schema": {
+                                    "type": "object",
+                                    "properties": form_properties,
+                                    "required": ["images"],
+                                },
+                            },
+                        },
+                    },
+                    "responses": {
+                        "200": {
+                            "description": "with wait: every job answered, each with its result",
+                            "content": {
+                                "application/json": {
+                                    "schema": {"$ref": "#/components/schemas/Accepted"}
+                                }
+                            },
+                        },
+                        "202": {
+                            "description": "accepted: a job per image, in input order (with "
+                            "wait: the results that came in time)",
+                            "headers": {
+                                "Location": {
+                                    "description": "the job's URL (when one image was sent)",
+                                    "schema": {"type": "string"},
+                                }
+                            },
+                            "content": {
+                                "application/json": {
+                                    "schema": {"$ref": "#/components/schemas/Accepted"}
+                                }
+                            },
+                        },
+                        "400": _error("not an image, or a field the wire refuses"),
+                        **unauthorized,
+                        "413": _error("an image over the byte limit, or a body over the cap"),
+                        "415": _error("a format or Content-Type outside the allow-list"),
+                        "429": _error(
+                            "the queue is full, or this key's rate is spent", retry_after=True
+                        ),
+                        "503": _error("Redis is unreachable", retry_after=True),
+                    },
+                }
+            },
+            "/v1/jobs/{job_id}": {
+                "get": {
+                    "summary": "A job's result (PENDING until answered)",
+                    "operationId": "getJob",
+                    "security": auth,
+                    "parameters": [
+                        job_id,
+                        {
+                            "name": "wait",
+                            "in": "query",
+                            "required": False,
+                            "schema": {
+                                "type": "number",
+                                "minimum": 0,
+                                "maximum": settings.http_max_wait_s,
+                            },
+                            "description": "answer as soon as the result lands, waiting up to "
+                            "this many seconds (more is cut to the maximum)",
+                        },
+                    ],
+                    "responses": {
+                        "200": {
+                            "description": "the result (the dict a Celery client reads)",
+                            "content": {
+                                "application/json": {
+                                    "schema": {"$ref": "#/components/schemas/Result"}
+                                }
+                            },
+                        },
+                        "400": _error("not a job id, or a bad wait"),
+                        **unauthorized,
+                        "404": _error("no such job"),
+                        **limited,
+                        "503": _error("Redis is unreachable", retry_after=True),
+                    },
+                },
+                "delete": {
+                    "summary": "Cancel a job not yet computed",
+                    "operationId": "cancelJob",
+                    "security": auth,
+                    "parameters": [job_id],
+                    "responses": {
+                        "200": {
+                            "description": "cancelled: its result is CANCELLED (now, or already)",
+                            "content": {
+                                "application/json": {
+                                    "schema": {"$ref": "#/components/schemas/Result"}
+                                }
+                            },
+                        },
+                        "400": _error("not a job id"),
+                        **unauthorized,
+                        "404": _error("no such job"),
+                        "409": {
+                            "description": "already answered: its result is kept",
+                            "content": {
+                                "application/json": {
+                                    "schema": {"$ref": "#/components/schemas/Result"}
+                                }
+                            },
+                        },
+                        **limited,
+                        "503": _error("Redis is unreachable", retry_after=True),
+                    },
+                },
+            },
+            "/v1/models": {
+                "get": {
+                    "summary": "Every version of every model (batchery models list --json)",
+                    "operationId": "listModels",
+                    "security": auth,
+                    "responses": {
+                        "200": {
+                            "description": "one object per version",
+                            "content": {
+                                "application/json": {
+                                    "schema": {"type": "array", "items": {"type": "object"}}
+                                }
+                            },
+                        },
+                        **unauthorized,
+                        **limited,
+                    },
+                }
+            },
+            "/healthz": {
+                "get": {
+                    "summary": "The gateway process answers",
+                    "operationId": "healthz",
+                    "responses": {"200": {"description": "alive"}},
+                }
+            },
+            "/readyz": {
+                "get": {
+                    "summary": "Redis answers and at least one worker is alive",
+                    "operationId": "readyz",
+                    "responses": {
+                        "200": {"description": "ready"},
+                        "503": {"description": "not ready, and why"},
+                    },
+                }
+            },
+            "/metrics": {
+                "get": {
+                    "summary": "Prometheus metrics",
+                    "operationId": "metrics",
+                    "responses": {"200": {"description": "text exposition"}},
+                }
+            },
+        },
+        "components": {
+            "securitySchemes": {"apiKey": {"type": "http", "scheme": "bearer"}},
+            "schemas": {
+                "Error": {
+                    "type": "object",
+                    "required": ["error"],
+                    "properties": {"error": {"type": "string"}},
+                },
+                "Accepted": {
+                    "type": "object",
+                    "required": ["jobs"],
+                    "properties": {
+                        "jobs": {
+                            "type": "array",
+                            "items": {
+                                "type": "object",
+                                "required": ["job_id", "location"],
+                                "properties": {
+                                    "job_id": {"type": "string"},
+                                    "location": {"type": "string"},
+                                    "file": {"type": "string"},
+                                    "result": {"$ref": "#/components/schemas/Result"},
+                                },
+                            },
+                        }
+                    },
+                },
+                "Result": {
+                    "type": "object",
+                    "required": ["job_id", "status"],
+                    "properties": {
+                        "job_id": {"type": "string"},
+                        "status": {
+                            "type": "string",
+                            "enum": ["PENDING", "SUCCESS", "FAILURE", "CANCELLED", "EXPIRED"],
+                        },
+                        "model": {"type": "string", "nullable": True},
+                        "version": {"type": "string", "nullable": True},
+                        "label": {"type": "string", "nullable": True},
+                        "class_index": {"type": "integer", "nullable": True},
+                        "score": {"type": "number", "nullable": True},
+                        "top_k": {
+                            "type": "array",
+                            "items": {
+                                "type": "object",
+                                "properties": {
+                                    "label": {"type": "string"},
+                                    "score": {"type": "number"},
+                                },
+                            },
+                        },
+                        "error": {"type": "string", "nullable": True},
+                        "batch_size": {"type": "integer", "nullable": True},
+                        "explanation": {"type": "object"},
+                    },
+                },
+            },
+        },
+    }
