@@ -13,7 +13,7 @@ import redis
 
 from producer.errors import QueueFullError, RedisUnavailableError, ResultTimeoutError
 from producer.images import ImageInput, image_bytes
-from producer.ledger import PUSH_SCRIPT, PUSH_SHA, Ledger, is_noscript, push_command
+from producer.ledger import Ledger
 from producer.registry import Registry
 from producer.settings import Settings, redact_url
 from producer.signing import Signer
@@ -34,8 +34,8 @@ from producer.wire import (
     check_priority,
     chunk_jobs,
     decode_result_meta,
+    encode_job_record,
     encode_result_meta,
-    job_key,
     new_job_id,
     pending_result,
     result_key,
@@ -131,17 +131,13 @@ class Client:
         self.enqueue(jobs, {job.id: record for job in jobs})
         return [job.id for job in jobs]
 
-    def job_record(self, callback_url: str | None = None, owner: str | None = None
-                   ) -> dict[str, str]:  # fmt: skip
+    def job_record(self, callback_url: str | None = None, owner: str | None = None) -> str:
         """The record :meth:`enqueue` writes for a job (see ``wire.JOB_KEY_PREFIX``), checked:
         a callback URL this deployment may not call is refused here, before enqueueing."""
-        record = {"at": f"{time.time():.3f}"}
-        if owner is not None:
-            record["owner"] = check_name("owner", owner) or ""
+        check_name("owner", owner)
         if check_callback_url(callback_url) is not None:
             WebhookPolicy.from_settings(self.settings).check_url(str(callback_url))
-            record["callback"] = str(callback_url)
-        return record
+        return encode_job_record(owner, callback_url)
 
     def job_template(
         self,
@@ -185,13 +181,11 @@ class Client:
 
         return [bool(flag) for flag in self.retrying(run)]
 
-    def enqueue(
-        self, jobs: Sequence[Job], records: Mapping[str, Mapping[str, str]] | None = None
-    ) -> None:
+    def enqueue(self, jobs: Sequence[Job], records: Mapping[str, str] | None = None) -> None:
         """Push already checked jobs, ``chunk_size`` to a message, in one LPUSH (all or none).
 
-        ``records``: job id -> its record (:meth:`job_record`), written in the same
-        transaction, before any worker can see the job. Bulk runs send none.
+        ``records``: job id -> its record (:meth:`job_record`), written in the same script,
+        before any worker can see the job. Bulk runs send none.
 
         Group commit: while one thread's push is on the wire, jobs other threads enqueue wait
         and then leave together in the next push, packed into shared messages. Many
@@ -227,7 +221,7 @@ class Client:
         if error is not None:
             raise error
 
-    def _push(self, jobs: list[Job], records: dict[str, Mapping[str, str]]) -> None:
+    def _push(self, jobs: list[Job], records: dict[str, str]) -> None:
         settings = self.settings
         queue = settings.queue
         messages = [
@@ -237,33 +231,14 @@ class Client:
         limit = settings.max_queue
 
         def push() -> int:
-            if not records:
-                return self._ledger.push(messages, settings.visibility_timeout_s, limit)
-            # The records first, in the same transaction: a worker that answers a job finds
-            # its record (its callback) whatever the timing. Rewritten if the push is
-            # retried: they are the same records.
-            keys, args = push_command(queue, messages, settings.visibility_timeout_s, limit)
-            with self._redis.pipeline(transaction=True) as pipe:
-                for job_id, record in records.items():
-                    fields: dict[Any, Any] = dict(record)
-                    pipe.hset(job_key(job_id), mapping=fields)
-                    pipe.expire(job_key(job_id), settings.result_ttl_s)
-                pipe.evalsha(PUSH_SHA, len(keys), *keys, *args)
-                try:
-                    return int(pipe.execute()[-1])
-                except redis.ResponseError as exc:
-                    if not is_noscript(exc):
-                        raise
-            self._redis.script_load(PUSH_SCRIPT)
-            return push()
+            return self._ledger.push(messages, settings.visibility_timeout_s, limit, records,
+                                     settings.result_ttl_s)  # fmt: skip
 
         # One atomic script: all messages or none, recorded in the ledger. A bounded queue
         # that is full waits (bounded) for workers to drain it.
         deadline = time.monotonic() + self.settings.queue_wait_s
         while self.retrying(push) < 0:
             if time.monotonic() >= deadline:
-                if records:  # nothing of them was pushed: no job is known by these ids
-                    self.retrying(lambda: self._redis.unlink(*map(job_key, records)))
                 raise QueueFullError(
                     f"queue {queue!r} is full (BATCHERY_MAX_QUEUE={limit} messages) and did not "
                     f"drain within {self.settings.queue_wait_s:g} s (BATCHERY_QUEUE_WAIT); "
@@ -453,8 +428,11 @@ for i = 3, #KEYS do
   if redis.call('SET', KEYS[i], meta, 'EX', tonumber(ARGV[1]), 'NX') then
     redis.call('PUBLISH', KEYS[i], meta)
     local id = string.sub(KEYS[i], #ARGV[2] + 1)
-    local url = redis.call('HGET', ARGV[3] .. id, 'callback')
-    if url then redis.call('XADD', KEYS[2], '*', 'job', id, 'url', url) end
+    local record = redis.call('GET', ARGV[3] .. id)
+    local tab = record and string.find(record, '\t', 1, true)
+    if tab and tab < #record then
+      redis.call('XADD', KEYS[2], '*', 'job', id, 'url', string.sub(record, tab + 1))
+    end
     flags[i - 2] = 1
     n = n + 1
   else
@@ -471,7 +449,7 @@ class _Ticket:
 
     __slots__ = ("error", "jobs", "records", "sent")
 
-    def __init__(self, jobs: list[Job], records: dict[str, Mapping[str, str]]) -> None:
+    def __init__(self, jobs: list[Job], records: dict[str, str]) -> None:
         self.jobs = jobs
         self.records = records
         self.sent = False

@@ -1,8 +1,9 @@
 """``batchery serve``: the HTTP gateway, a producer like any other (no TensorFlow).
 
-Submits through the :class:`~producer.client.Client` (its checks, its group commit), waits on
-one shared subscriber connection (:mod:`producer.waiter`), delivers webhooks
-(:mod:`producer.webhooks`), and serves the page in ``producer/web/``. Stateless: run as many
+Checks what it is sent with the :class:`~producer.client.Client`'s own checks, pushes from
+its event loop (:mod:`producer.outbox`), waits on one shared subscriber connection
+(:mod:`producer.waiter`), delivers webhooks (:mod:`producer.webhooks`), and serves the page
+in ``producer/web/``. Stateless: run as many
 as needed behind a load balancer; they share everything through Redis.
 """
 
@@ -57,6 +58,7 @@ from producer.wire import (
     HEARTBEAT_PREFIX,
     MAX_JOBS_PER_MESSAGE,
     check_job_id,
+    decode_job_record,
     decode_result_meta,
     job_key,
     new_job_id,
@@ -113,7 +115,10 @@ class Gateway:
                                 "request")  # fmt: skip
         if cost <= 0:
             return
-        wait = await self.limiter.wait_s(owner, cost)
+        try:
+            wait = await self.limiter.wait_s(owner, cost)
+        except (redis.ConnectionError, redis.TimeoutError) as exc:
+            raise _unavailable(self, exc) from exc
         if wait > 0:
             raise HTTPException(429, f"rate limit of {self.limiter.rate:g}/s for key "
                                 f"{owner!r} spent (BATCHERY_API_RATE)",
@@ -256,16 +261,16 @@ async def _known(gw: Gateway, job_id: str, owner: str | None) -> tuple[Any, bool
     try:
         async with gw.redis.pipeline(transaction=False) as pipe:
             pipe.get(result_key(job_id))
-            pipe.hget(job_key(job_id), "owner")
-            pipe.exists(job_key(job_id))
-            raw, recorded_owner, recorded = await pipe.execute()
+            pipe.get(job_key(job_id))
+            raw, record = await pipe.execute()
     except (redis.ConnectionError, redis.TimeoutError) as exc:
         raise _unavailable(gw, exc) from exc
-    if raw is None and not recorded:
+    if raw is None and record is None:
         raise HTTPException(404, f"no job {job_id}")
-    if owner is not None and recorded_owner is not None and recorded_owner.decode() != owner:
+    recorded_owner, _ = decode_job_record(record)
+    if owner is not None and recorded_owner is not None and recorded_owner != owner:
         raise HTTPException(404, f"no job {job_id}")  # not saying whose it is
-    return raw, recorded
+    return raw, record is not None
 
 
 def _unavailable(gw: Gateway, exc: BaseException) -> HTTPException:

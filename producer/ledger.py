@@ -19,14 +19,14 @@ jobs' results would have expired anyway.
 
 from __future__ import annotations
 
-import hashlib
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import redis
 
 from producer.wire import (
+    JOB_KEY_PREFIX,
     PRIORITIES,
     UNACKED_KEY,
     Message,
@@ -40,18 +40,28 @@ from producer.wire import (
 SCAN = 1000
 
 # KEYS: ledger, due, then the queue's lists (one a priority). ARGV: limit (0: none), due
-# time, now, then per message: the index of its list in KEYS, id, tag, raw. An entry is
-# "<tag> <pushed at> <list index> <raw>". Returns the number pushed, or -1 (nothing pushed)
-# if that would pass the limit (messages waiting, all priorities together).
+# time, now, the number of messages, then per message: the index of its list in KEYS, id,
+# tag, raw; then, if any jobs carry records, the record key prefix, their ttl, and a job id
+# and record per job. An entry is "<tag> <pushed at> <list index> <raw>". The records are
+# written first: a worker that answers a job finds its record. Returns the number of
+# messages pushed, or -1 (nothing written) if that would pass the limit (messages waiting,
+# all priorities together).
 _PUSH = """
-local n = (#ARGV - 3) / 4
+local n = tonumber(ARGV[4])
 local limit = tonumber(ARGV[1])
 if limit > 0 then
   local waiting = 0
   for k = 3, #KEYS do waiting = waiting + redis.call('LLEN', KEYS[k]) end
   if waiting + n > limit then return -1 end
 end
-for i = 4, #ARGV, 4 do
+local last = 4 + 4 * n
+if #ARGV > last then
+  local prefix, ttl = ARGV[last + 1], tonumber(ARGV[last + 2])
+  for i = last + 3, #ARGV, 2 do
+    redis.call('SET', prefix .. ARGV[i], ARGV[i + 1], 'EX', ttl)
+  end
+end
+for i = 5, last, 4 do
   redis.call('LPUSH', KEYS[tonumber(ARGV[i])], ARGV[i + 3])
   redis.call('HSET', KEYS[1], ARGV[i + 1],
              ARGV[i + 2] .. ' ' .. ARGV[3] .. ' ' .. ARGV[i] .. ' ' .. ARGV[i + 3])
@@ -96,28 +106,27 @@ return resent
 """
 
 
-#: The push script's SHA-1: pipelines (the records of online jobs go with their push, in one
-#: transaction) run it as EVALSHA, loading it on NOSCRIPT (:func:`is_noscript`).
-PUSH_SHA = hashlib.sha1(_PUSH.encode()).hexdigest()
+#: The push script, for a client the :class:`Ledger` does not hold (the gateway's asyncio one).
 PUSH_SCRIPT = _PUSH
 
 
 def push_command(
-    queue: str, messages: Sequence[Message], check_after_s: float, limit: int = 0
-) -> tuple[list[str], list[Any]]:
-    """The push script's keys and arguments for these messages (see :meth:`Ledger.push`)."""
+    queue: str, messages: Sequence[Message], check_after_s: float, limit: int = 0,
+    records: Mapping[str, str] | None = None, ttl_s: int = 0,
+) -> tuple[list[str], list[Any]]:  # fmt: skip
+    """The push script's keys and arguments for these messages and job records (see
+    :meth:`Ledger.push`)."""
     now = time.time()
-    args: list[Any] = [limit, now + check_after_s, f"{now:.3f}"]
+    args: list[Any] = [limit, now + check_after_s, f"{now:.3f}", len(messages)]
     index = {priority: i + 3 for i, priority in enumerate(PRIORITIES)}  # KEYS are 1-based
     for message in messages:
         args += [index[message.priority], message.id, message.tag, message.raw]
+    if records:
+        args += [JOB_KEY_PREFIX, ttl_s]
+        for job_id, record in records.items():
+            args += [job_id, record]
     lists = [queue_key(queue, priority) for priority in PRIORITIES]
     return [ledger_key(queue), ledger_due_key(queue), *lists], args
-
-
-def is_noscript(exc: BaseException) -> bool:
-    """Whether Redis refused an EVALSHA because it does not hold the script (yet)."""
-    return isinstance(exc, redis.exceptions.NoScriptError) or "NOSCRIPT" in str(exc)
 
 
 class Ledger:
@@ -131,10 +140,17 @@ class Ledger:
         self._push = client.register_script(_PUSH)
         self._sweep = client.register_script(_SWEEP)
 
-    def push(self, messages: Sequence[Message], check_after_s: float, limit: int = 0) -> int:
+    def push(
+        self, messages: Sequence[Message], check_after_s: float, limit: int = 0,
+        records: Mapping[str, str] | None = None, ttl_s: int = 0,
+    ) -> int:  # fmt: skip
         """Push messages, each onto its priority's list, and record them, atomically;
-        -1 (nothing pushed) if that would pass ``limit`` messages waiting."""
-        keys, args = push_command(self.queue, messages, check_after_s, limit)
+        -1 (nothing written) if that would pass ``limit`` messages waiting.
+
+        ``records``: job id -> its record (``wire.encode_job_record``), written in the same
+        script, expiring after ``ttl_s``.
+        """
+        keys, args = push_command(self.queue, messages, check_after_s, limit, records, ttl_s)
         return int(self._push(keys=keys, args=args))
 
     def sweep(

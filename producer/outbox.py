@@ -3,26 +3,25 @@
 The asyncio twin of ``Client.enqueue``'s group commit. While one push is on the wire, the
 jobs of requests arriving meanwhile wait, then leave together in the next push, packed into
 shared messages: a thousand concurrent requests cost Redis a few pushes, not a thousand.
-Each push is one transaction: the jobs' records (their owner, their callback), then the
-ledger's push script by its SHA (loaded on NOSCRIPT) — one round trip.
+Each push is the ledger's one script: the jobs' records (their owner, their callback) and
+their messages, all or nothing, in one round trip.
 """
 
 from __future__ import annotations
 
 import asyncio
 from collections.abc import Mapping, Sequence
-from typing import Any
 
 import redis
 import redis.asyncio as aioredis
 
 from producer.errors import QueueFullError, RedisUnavailableError
-from producer.ledger import PUSH_SCRIPT, PUSH_SHA, is_noscript, push_command
+from producer.ledger import PUSH_SCRIPT, push_command
 from producer.settings import Settings, redact_url
 from producer.signing import Signer
-from producer.wire import Job, build_message, chunk_jobs, job_key
+from producer.wire import Job, build_message, chunk_jobs
 
-Records = Mapping[str, Mapping[str, str]]
+Records = Mapping[str, str]
 
 
 class Outbox:
@@ -32,6 +31,7 @@ class Outbox:
         self.redis = client
         self.settings = settings
         self._signer = Signer.from_settings(settings)
+        self._script = client.register_script(PUSH_SCRIPT)
         self._waiting: list[tuple[Sequence[Job], Records, asyncio.Future[None]]] = []
         self._pushing = False
         self._task: asyncio.Task[None] | None = None
@@ -69,20 +69,20 @@ class Outbox:
         finally:
             self._pushing = False
 
-    async def _push(self, jobs: list[Job], records: dict[str, Mapping[str, str]]) -> None:
+    async def _push(self, jobs: list[Job], records: dict[str, str]) -> None:
         settings = self.settings
         messages = [
             build_message(chunk, settings.queue, signer=self._signer)
             for chunk in chunk_jobs(jobs, settings.chunk_size, settings.max_message_bytes)
         ]
         keys, args = push_command(settings.queue, messages, settings.visibility_timeout_s,
-                                  settings.max_queue)  # fmt: skip
+                                  settings.max_queue, records, settings.result_ttl_s)  # fmt: skip
         loop = asyncio.get_running_loop()
         deadline = loop.time() + min(settings.connect_retry_s, 2.0)
         pause = 0.05
         while True:
             try:
-                pushed = await self._run(keys, args, records)
+                pushed = int(await self._script(keys=keys, args=args))
                 break
             except (redis.ConnectionError, redis.TimeoutError) as exc:
                 if loop.time() >= deadline:
@@ -99,25 +99,7 @@ class Outbox:
                     ) from exc
                 raise
         if pushed < 0:
-            if records:  # nothing was pushed: no job is known by these ids
-                await self.redis.unlink(*map(job_key, records))
             raise QueueFullError(
                 f"queue {settings.queue!r} is full (BATCHERY_MAX_QUEUE={settings.max_queue} "
                 "messages): nothing was enqueued"
             )
-
-    async def _run(self, keys: list[str], args: list[Any], records: Records) -> int:
-        for attempt in (1, 2):
-            async with self.redis.pipeline(transaction=bool(records)) as pipe:
-                for job_id, record in records.items():
-                    fields: dict[Any, Any] = dict(record)
-                    pipe.hset(job_key(job_id), mapping=fields)
-                    pipe.expire(job_key(job_id), self.settings.result_ttl_s)
-                pipe.evalsha(PUSH_SHA, len(keys), *keys, *args)
-                try:
-                    return int((await pipe.execute())[-1])
-                except redis.ResponseError as exc:
-                    if not is_noscript(exc) or attempt == 2:
-                        raise
-            await self.redis.script_load(PUSH_SCRIPT)
-        raise AssertionError("unreachable")

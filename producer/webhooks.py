@@ -3,7 +3,7 @@
 The path of one delivery:
 
 1. ``Client.submit_many(..., callback_url=URL)`` writes the URL into the job's record
-   (``wire.job_key``) in the transaction that pushes the job.
+   (``wire.job_key``) in the script that pushes the job.
 2. The script that stores the job's answer (a worker's, or a cancellation's) finds the URL
    and adds ``job``, ``url`` to the stream ``wire.WEBHOOK_STREAM`` in the same script: no
    answer is stored without its delivery.

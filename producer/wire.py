@@ -109,9 +109,11 @@ def heartbeat_key(worker: str) -> str:
 
 HEARTBEAT_PREFIX = "batchery:worker:"
 
-#: A job's record, written by ``Client.submit_many`` before its message is pushed (a hash;
-#: expires with the results): ``owner`` (the API key's name that sent it), ``callback`` (the
-#: URL its result is POSTed to). It tells a known job from an unknown id before it is answered.
+#: A job's record, written by ``Client.submit_many`` (and the gateway) in the script that
+#: pushes its message, expiring with the results: ``<owner>\t<callback>``, the API key's
+#: name that sent it and the URL its result is POSTed to, either empty. It tells a known job
+#: from an unknown id before it is answered. Neither part can hold a tab (names and URLs are
+#: checked), so the worker's script finds the callback without a parser.
 JOB_KEY_PREFIX = "batchery:job:"
 
 #: Webhook deliveries due (a Redis stream of ``job``, ``url`` entries, added by the script
@@ -125,6 +127,20 @@ WEBHOOK_FAILED_KEY = "batchery:webhooks:failed"
 def job_key(job_id: str) -> str:
     """The Redis hash recording a submitted job (see :data:`JOB_KEY_PREFIX`)."""
     return f"{JOB_KEY_PREFIX}{job_id}"
+
+
+def encode_job_record(owner: str | None = None, callback: str | None = None) -> str:
+    """A job's record (see :data:`JOB_KEY_PREFIX`); its parts already checked."""
+    return f"{owner or ''}\t{callback or ''}"
+
+
+def decode_job_record(raw: bytes | str | None) -> tuple[str | None, str | None]:
+    """The owner and callback of a stored job record (None for what it does not say)."""
+    if raw is None:
+        return None, None
+    text = raw.decode("utf-8", "replace") if isinstance(raw, bytes) else raw
+    owner, _, callback = text.partition("\t")
+    return owner or None, callback or None
 
 
 def rate_key(owner: str) -> str:

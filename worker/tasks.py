@@ -410,8 +410,11 @@ for i = 7, #ARGV, 4 do
     if ARGV[i + 2] == '1' then redis.call('PUBLISH', ARGV[i], ARGV[i + 1]) end
     counts[ARGV[i + 3]] = counts[ARGV[i + 3]] + 1
     local id = string.sub(ARGV[i], skip)
-    local url = redis.call('HGET', ARGV[6] .. id, 'callback')
-    if url then redis.call('XADD', KEYS[2], '*', 'job', id, 'url', url) end
+    local record = redis.call('GET', ARGV[6] .. id)
+    local tab = record and string.find(record, '\t', 1, true)
+    if tab and tab < #record then
+      redis.call('XADD', KEYS[2], '*', 'job', id, 'url', string.sub(record, tab + 1))
+    end
   elseif string.find(redis.call('GET', ARGV[i]) or '', '"status": "CANCELLED"', 1, true) then
     late = late + 1
   else

@@ -269,6 +269,13 @@ def test_an_unreachable_redis_is_503(tmp_path: Path) -> None:
         assert get.status_code == 503
         assert httpx.get(f"{proc.url}/readyz").status_code == 503
         assert httpx.get(f"{proc.url}/healthz").status_code == 200
+    key, line = new_key("carol")
+    (tmp_path / "keys").write_text(line + "\n")
+    env = {"BATCHERY_CONNECT_RETRY": "0.5", "BATCHERY_API_KEYS": str(tmp_path / "keys")}
+    with GatewayProcess(dead, env=env) as proc:  # the rate limiter can't reach Redis either
+        post = httpx.post(f"{proc.url}/v1/jobs", content=DIGIT.read_bytes(),
+                          headers={**PNG, **bearer(key)})  # fmt: skip
+        assert post.status_code == 503
 
 
 def test_the_openapi_schema_is_valid_and_the_docs_page_loads_offline(http: httpx.Client) -> None:

@@ -16,7 +16,14 @@ import redis
 
 from producer.local import GatewayProcess, RedisServer, WorkerProcess, free_port
 from producer.webhooks import verify
-from producer.wire import WEBHOOK_FAILED_KEY, WEBHOOK_GROUP, WEBHOOK_STREAM, result_key
+from producer.wire import (
+    WEBHOOK_FAILED_KEY,
+    WEBHOOK_GROUP,
+    WEBHOOK_STREAM,
+    decode_job_record,
+    job_key,
+    result_key,
+)
 from tests.factories import digit_paths, label_of
 
 pytestmark = pytest.mark.integration
@@ -141,7 +148,7 @@ def test_deliveries_survive_a_gateway_killed_while_the_receiver_is_down(
         for job_id in ids:
             hit = receiver.delivered()[job_id]
             assert verify(SECRET, hit["body"], hit["headers"]["X-Batchery-Signature"])
-    assert all(r.hget(f"batchery:job:{j}", "callback") for j in ids)
+    assert all(decode_job_record(r.get(job_key(j)))[1] for j in ids)
 
 
 def test_a_cancelled_job_is_delivered_too(redis_server: RedisServer) -> None:

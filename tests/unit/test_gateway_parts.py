@@ -20,7 +20,16 @@ from producer.gateway import create_app, is_loopback, serve
 from producer.outbox import Outbox
 from producer.settings import Settings
 from producer.waiter import ResultWaiter
-from producer.wire import Job, JobResult, encode_result_meta, job_key, queue_key, result_key
+from producer.wire import (
+    Job,
+    JobResult,
+    decode_job_record,
+    encode_job_record,
+    encode_result_meta,
+    job_key,
+    queue_key,
+    result_key,
+)
 from tests.factories import digit_paths
 
 DIGIT = digit_paths(1)[0].read_bytes()
@@ -101,13 +110,13 @@ def test_pushes_from_concurrent_requests_leave_together() -> None:
 
     async def run() -> None:
         outbox = Outbox(fake, Settings())
-        await asyncio.gather(*(outbox.enqueue([job], {job.id: {"owner": "alice"}})
+        await asyncio.gather(*(outbox.enqueue([job], {job.id: encode_job_record("alice")})
                                for job in jobs(100)))  # fmt: skip
         messages = await fake.lrange(queue_key("batchery", "normal"), 0, -1)
         assert 1 <= len(messages) <= 3  # 100 requests, a few pushes
         carried = sum(len(json.loads(json.loads(m)["body"])[1]["jobs"]) for m in messages)
         assert carried == 100
-        assert await fake.hget(job_key("job-42"), "owner") == b"alice"
+        assert decode_job_record(await fake.get(job_key("job-42"))) == ("alice", None)
         assert await fake.ttl(job_key("job-42")) > 0
 
     asyncio.run(run())
@@ -119,9 +128,9 @@ def test_a_full_queue_refuses_the_push_and_forgets_its_records() -> None:
 
     async def run() -> None:
         outbox = Outbox(fake, settings)
-        await outbox.enqueue(jobs(1), {"job-0": {"at": "1"}})
+        await outbox.enqueue(jobs(1), {"job-0": encode_job_record()})
         with pytest.raises(QueueFullError, match="BATCHERY_MAX_QUEUE"):
-            await outbox.enqueue([Job("late", DIGIT)], {"late": {"at": "1"}})
+            await outbox.enqueue([Job("late", DIGIT)], {"late": encode_job_record()})
         assert not await fake.exists(job_key("late"))
         assert await fake.exists(job_key("job-0"))
 

@@ -17,6 +17,7 @@ from producer.wire import (
     WEBHOOK_STREAM,
     JobResult,
     check_callback_url,
+    decode_job_record,
     job_key,
     queue_key,
 )
@@ -118,7 +119,7 @@ def test_an_answer_queues_its_delivery_in_the_same_script() -> None:
     client = hooked_client(fake)
     hooked = client.submit(DIGIT, callback_url="http://127.0.0.1:9/hook")
     plain = client.submit(DIGIT)
-    assert fake.hget(job_key(hooked), "callback") == b"http://127.0.0.1:9/hook"
+    assert decode_job_record(fake.get(job_key(hooked))) == (None, "http://127.0.0.1:9/hook")
     assert fake.exists(job_key(plain))  # known, though it has no callback
     assert fake.xlen(WEBHOOK_STREAM) == 0
     store_results(fake, "batchery", [JobResult(hooked, "SUCCESS"), JobResult(plain, "SUCCESS")],
