@@ -15,6 +15,7 @@ import hashlib
 import json
 import os
 import signal
+import stat
 import sys
 import threading
 import time
@@ -29,11 +30,17 @@ import numpy as np
 from tqdm import tqdm
 
 from producer.client import Client
-from producer.errors import BatcheryError, InvalidImageError
-from producer.images import IMAGE_EXTENSIONS, check_image_bytes, read_file
+from producer.errors import BatcheryError, ImageTooLargeError, InvalidImageError
+from producer.images import IMAGE_EXTENSIONS, check_image_bytes, read_file, shrink
 from producer.wire import FAILURE, Job, new_job_id
 
 COLUMNS = ("path", "job_id", "status", "label", "score", "error")
+
+#: Most Redis memory a run's jobs in flight may hold, by default.
+WINDOW_BYTES = 64 * 1024 * 1024
+#: What a message costs Redis, in copies of it: one on the queue (then in kombu's unacked
+#: hash), one in the ledger, and one passing through Redis's buffers as it is pushed or taken.
+REDIS_COPIES = 3
 
 #: Answers are looked for among the oldest jobs in flight, this many at a time: jobs finish
 #: roughly in the order they were sent, so the head of the window is where answers are.
@@ -216,8 +223,19 @@ def classify(
     priority: str = "low",
     deadline_s: float | None = None,
     explain_dir: Path | None = None,
+    window_bytes: int = WINDOW_BYTES,
+    shrink_to: tuple[tuple[int, int], str] | None = None,
+    shared_fs: bool = False,
 ) -> Summary:
     """Classify every image ``specs`` name into ``out``; see the module docstring.
+
+    At most ``window`` jobs are in flight, and at most ``window_bytes`` of Redis memory
+    (:data:`REDIS_COPIES` of each message), whatever the images' sizes.
+    ``shrink_to`` ((width, height), mode): each image is decoded at reduced scale and brought
+    to the model's size here, and travels as a lossless PNG of exactly what the worker would
+    have computed (``images.shrink``). ``shared_fs``: jobs carry the file's real path, and
+    workers read it themselves (under their BATCHERY_SHARED_ROOTS); here it is only checked
+    to be a regular file within the byte limit.
 
     Jobs go at ``priority`` (``low`` by default: bulk work gives way to jobs someone is
     waiting for). Interrupted (Ctrl-C, SIGTERM), the run cancels the jobs it has in flight
@@ -241,6 +259,8 @@ def classify(
     # In flight, in input order: key -> (path, job id). A refused input has no job id; its
     # answer is known at once, and its row still comes in its place.
     inflight: OrderedDict[str, tuple[str, str]] = OrderedDict()
+    held: dict[str, int] = {}  # job id -> the Redis bytes its message holds
+    holding = 0
     answered: dict[str, dict[str, Any]] = {}
     collected: list[str] = []
     paths = iter_inputs(specs)
@@ -251,7 +271,9 @@ def classify(
         while not exhausted or inflight:
             # Fill the window, up to ``window`` jobs in flight, pushed 16 chunks a round trip.
             jobs: list[Job] = []
-            while not exhausted and len(inflight) < window:
+            pending = 0
+            while (not exhausted and len(inflight) < window
+                   and (holding < window_bytes or not held)):  # fmt: skip
                 path = next(paths, None)
                 if path is None:
                     exhausted = True
@@ -260,9 +282,9 @@ def classify(
                     bar.update(1)
                 else:
                     try:
-                        data = read_checked(path, limit, max_pixels)
-                        job = replace(template, id=new_job_id(), image=data,
-                                      submitted_at=time.time())  # fmt: skip
+                        job = replace(template, id=new_job_id(), submitted_at=time.time(),
+                                      **job_input(path, limit, max_pixels, shrink_to,
+                                                  shared_fs))  # fmt: skip
                     except (OSError, InvalidImageError) as exc:
                         key = new_job_id()
                         inflight[key] = (path, "")
@@ -270,9 +292,12 @@ def classify(
                         continue
                     jobs.append(job)
                     inflight[job.id] = (path, job.id)
-                    if len(jobs) >= chunk * 16:
+                    held[job.id] = REDIS_COPIES * job.wire_size()
+                    holding += held[job.id]
+                    pending += held[job.id]
+                    if len(jobs) >= chunk * 16 or pending >= window_bytes // 4:
                         client.enqueue(jobs)
-                        jobs = []
+                        jobs, pending = [], 0
             client.enqueue(jobs)
 
             # Collect the oldest waiting answers with one MGET, forgetting those written out.
@@ -289,6 +314,7 @@ def classify(
             collected = []
             for key in ready:
                 path, job_id = inflight.pop(key)
+                holding -= held.pop(job_id, 0)
                 result = answered.pop(key)
                 row = _row(path, job_id, result)
                 if explain_dir is not None:
@@ -344,6 +370,32 @@ def write_heatmap(folder: Path, path: str, result: dict[str, Any]) -> str | None
     target = folder / f"{_path_hash(path):016x}-{Path(path).stem}.png"
     target.write_bytes(base64.b64decode(png))
     return str(target)
+
+
+def job_input(
+    path: str, limit: int, max_pixels: int, shrink_to: tuple[tuple[int, int], str] | None,
+    shared_fs: bool,
+) -> dict[str, Any]:  # fmt: skip
+    """What a job carries for ``path``: its bytes, its shrunk bytes, or its real path."""
+    if shared_fs:
+        real = os.path.realpath(path)
+        try:
+            info = os.stat(real)
+        except FileNotFoundError as exc:
+            raise InvalidImageError(f"{path}: no such file") from exc
+        if not stat.S_ISREG(info.st_mode):
+            raise InvalidImageError(f"{path}: not a regular file")
+        if info.st_size > limit:
+            raise ImageTooLargeError(f"{path}: {info.st_size} bytes is over the limit of "
+                                     f"{limit} bytes (BATCHERY_MAX_IMAGE_BYTES)")  # fmt: skip
+        return {"path": real}
+    data = read_checked(path, limit, max_pixels)
+    if shrink_to is not None:
+        try:
+            data = shrink(data, *shrink_to, limit, max_pixels)
+        except InvalidImageError as exc:
+            raise InvalidImageError(f"{path}: {exc}") from exc
+    return {"image": data}
 
 
 def read_checked(path: str, limit: int, max_pixels: int) -> bytes:

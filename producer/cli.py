@@ -8,7 +8,7 @@ import sys
 from dataclasses import replace
 from pathlib import Path
 
-from producer.errors import BatcheryError
+from producer.errors import BatcheryError, ConfigError
 from producer.registry import PROMOTED_FILE
 from producer.settings import Settings
 from producer.wire import PRIORITIES
@@ -99,6 +99,21 @@ def _parser() -> argparse.ArgumentParser:
         help="write rows as they complete instead of in input order",
     )  # fmt: skip
     p.add_argument("--window", type=int, default=4096, help="most jobs in flight (4096)")
+    p.add_argument(
+        "--window-mb", type=int, default=64, metavar="MB",
+        help="most Redis memory the jobs in flight hold, in MiB (64)",
+    )  # fmt: skip
+    sending = p.add_mutually_exclusive_group()
+    sending.add_argument(
+        "--shrink", action="store_true",
+        help="decode and resize here to the model's input size, send that as a lossless PNG "
+        "(big photos: a 4 MB JPEG travels as ~100 KB)",
+    )  # fmt: skip
+    sending.add_argument(
+        "--shared-fs", action="store_true",
+        help="send each file's path, not its bytes: workers read it (they need "
+        "BATCHERY_SHARED_ROOTS to cover it)",
+    )  # fmt: skip
     p.add_argument(
         "--keep-results", action="store_true",
         help="leave each result in Redis too (default: deleted once written to OUT)",
@@ -331,12 +346,27 @@ def _classify(args: argparse.Namespace, settings: Settings) -> int:
     from producer.client import Client
 
     name, _, version = (args.model or "").partition("@")
+    shrink_to = None
+    if args.shrink:
+        from producer.registry import Registry
+
+        registry = Registry(settings.model_dir)
+        if not registry.names():
+            raise ConfigError(
+                f"--shrink needs the model's input size from its manifest, and there is no "
+                f"registry at {settings.model_dir} (BATCHERY_MODEL_DIR) on this host"
+            )
+        info = registry.get(name or settings.default_model, version or None)
+        height, width, _ = info.input_shape
+        shrink_to = ((width, height), info.color_mode)
     with Client(settings=settings) as client:
         summary = classify(client, args.paths, args.output, model=name or None,
                            version=version or None, resume=args.resume,
                            ordered=not args.unordered, window=args.window,
                            keep_results=args.keep_results, priority=args.priority,
-                           deadline_s=args.deadline_s, explain_dir=args.explain_dir)  # fmt: skip
+                           deadline_s=args.deadline_s, explain_dir=args.explain_dir,
+                           window_bytes=args.window_mb * 1024 * 1024, shrink_to=shrink_to,
+                           shared_fs=args.shared_fs)  # fmt: skip
     print(summary.line(), file=sys.stderr)
     if summary.interrupted:
         return 130

@@ -10,6 +10,7 @@ import io
 import os
 import stat
 import struct
+from collections.abc import Sequence
 from typing import Any, TypeAlias
 
 import numpy as np
@@ -220,6 +221,91 @@ _STRUCTURE = {
 }
 
 
+_FORMATS = sorted(ALLOWED_FORMATS)
+#: Modes Pillow resizes with any filter; others are converted (to RGB or RGBA) first.
+_RESIZABLE = frozenset({"L", "LA", "RGB", "RGBA", "I", "F"})
+
+
+def decode_to_size(
+    data: bytes, size: tuple[int, int], mode: str, max_bytes: int, max_pixels: int
+) -> Image.Image:
+    """``data`` decoded and brought to ``size`` (width, height) in ``mode``: what a model of
+    that input sees; :class:`InvalidImageError` if it is not an image within the limits.
+
+    Size, format, pixel count and completeness are checked from the file's structure before
+    any pixel is decoded, then Pillow checks the pixel count once more on its own reading of
+    the header: a hostile input costs at most ``max_bytes`` in and ``max_pixels`` decoded.
+    Only what the model needs is decoded: a JPEG at the smallest DCT scale still at least
+    ``size`` (Pillow's ``draft``: a 4000x3000 photo for a 224x224 model decodes at 500x375,
+    a 64th of the pixels), other formats reduced by whole factors (``reduce``) before the
+    final resize. The image is brought to ``size`` in its own mode before any conversion,
+    so decoding peaks near its decoded size (up to 4 bytes a pixel, for RGBA) instead of
+    several copies of it. The worker runs this on every job; ``classify --shrink`` runs the
+    same on the producer, so a shrunk image gives the worker the very same pixels.
+    """
+    check_image_bytes(data, "image", max_bytes, max_pixels)
+    width, height = size
+    try:
+        with Image.open(io.BytesIO(data), formats=_FORMATS) as img:
+            pixels = img.size[0] * img.size[1]
+            if pixels > max_pixels:
+                raise InvalidImageError(
+                    f"image is {img.size[0]}x{img.size[1]} = {pixels} pixels, "
+                    f"over the limit of {max_pixels}"
+                )
+            if img.size != (width, height):
+                img.draft(mode, (width, height))  # JPEG: the decoder itself scales down
+            img.load()
+            small: Image.Image = img
+            if img.size != (width, height):
+                if img.mode not in _RESIZABLE:
+                    small = small.convert("RGBA" if _transparent(img) else "RGB")
+                # reducing_gap: whole-factor box reduction first (Pillow's reduce), then the
+                # filter on what is left. RGBA and LA are resized premultiplied: composing
+                # over black afterwards gives what composing first would, on far fewer pixels.
+                small = small.resize((width, height), Image.Resampling.BILINEAR, reducing_gap=3.0)
+            converted = _to_mode(small, mode)
+            # Closing the file closes the image opened from it: hand back one of its own.
+            return converted.copy() if converted is img else converted
+    except InvalidImageError:
+        raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise InvalidImageError(f"image refused by Pillow's pixel limit: {exc}") from exc
+    except Image.UnidentifiedImageError as exc:
+        raise InvalidImageError(
+            f"cannot decode image: not one of {', '.join(sorted(ALLOWED_FORMATS))}"
+        ) from exc
+    except (OSError, ValueError, SyntaxError, EOFError) as exc:
+        raise InvalidImageError(f"cannot decode image: {exc}") from exc
+
+
+def shrink(data: bytes, size: tuple[int, int], mode: str, max_bytes: int, max_pixels: int
+           ) -> bytes:  # fmt: skip
+    """``data`` as the model will see it (:func:`decode_to_size`), encoded as a lossless PNG:
+    a 4 MB photo for a 224x224 model travels as about 100 KB, and the worker, finding it
+    already at the model's size, computes from the very same pixels."""
+    out = io.BytesIO()
+    decode_to_size(data, size, mode, max_bytes, max_pixels).save(
+        out, format="PNG", compress_level=1
+    )
+    return out.getvalue()
+
+
+def _to_mode(img: Image.Image, mode: str) -> Image.Image:
+    """Convert to ``mode``; transparent pixels become black, the MNIST background."""
+    if img.mode == mode:
+        return img
+    if _transparent(img):
+        rgba = img.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (0, 0, 0, 255))
+        img = Image.alpha_composite(background, rgba)
+    return img.convert(mode)
+
+
+def _transparent(img: Image.Image) -> bool:
+    return img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info)
+
+
 def read_file(path: str | os.PathLike[str], max_bytes: int) -> bytes:
     """A regular file's bytes, at most ``max_bytes`` of them; :class:`InvalidImageError` if not.
 
@@ -234,7 +320,57 @@ def read_file(path: str | os.PathLike[str], max_bytes: int) -> bytes:
         raise InvalidImageError(f"{path}: permission denied") from exc
     except OSError as exc:
         raise InvalidImageError(f"{path}: cannot open ({exc.strerror})") from exc
-    with os.fdopen(fd, "rb") as fh:
+    return _read_open(fd, path, max_bytes)
+
+
+def read_shared(path: str, roots: Sequence[str | os.PathLike[str]], max_bytes: int) -> bytes:
+    """The file at ``path``, read as :func:`read_file` reads, if it lies under one of
+    ``roots`` (BATCHERY_SHARED_ROOTS) with no symbolic link on the way.
+
+    Each part of the path below the root is opened relative to the one before it, never
+    following a link (``O_NOFOLLOW``): a link out of the root, or a directory swapped for
+    one while the path is walked, is refused rather than followed. :class:`InvalidImageError`
+    says which.
+    """
+    if not roots:
+        raise InvalidImageError(
+            f"{path}: this worker reads no files: BATCHERY_SHARED_ROOTS is not set on it "
+            "(send the image's bytes, or set it to the directories workers share)"
+        )
+    for root in roots:
+        base = os.path.realpath(root)
+        if not path.startswith(base.rstrip("/") + "/"):
+            continue
+        parts = path[len(base) :].strip("/").split("/")
+        if "" in parts:
+            raise InvalidImageError(f"{path}: not a plain path (empty parts)")
+        directory = os.open(base, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            for part in parts[:-1]:
+                inner = os.open(part, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW,
+                                dir_fd=directory)  # fmt: skip
+                os.close(directory)
+                directory = inner
+            fd = os.open(parts[-1], os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW,
+                         dir_fd=directory)  # fmt: skip
+        except FileNotFoundError as exc:
+            raise InvalidImageError(f"{path}: no such file") from exc
+        except PermissionError as exc:
+            raise InvalidImageError(f"{path}: permission denied") from exc
+        except OSError as exc:  # ELOOP, ENOTDIR: a link where a file or folder should be
+            raise InvalidImageError(
+                f"{path}: a symbolic link on the way is not followed ({exc.strerror})"
+            ) from exc
+        finally:
+            os.close(directory)
+        return _read_open(fd, path, max_bytes)
+    shown = ", ".join(str(r) for r in roots)
+    raise InvalidImageError(f"{path}: not under BATCHERY_SHARED_ROOTS ({shown})")
+
+
+def _read_open(fd: int, path: str | os.PathLike[str], max_bytes: int) -> bytes:
+    """Read an opened file: regular files only, at most ``max_bytes``; closes ``fd``."""
+    try:
         info = os.fstat(fd)
         if stat.S_ISDIR(info.st_mode):
             raise InvalidImageError(f"{path}: is a directory, not an image file")
@@ -245,6 +381,10 @@ def read_file(path: str | os.PathLike[str], max_bytes: int) -> bytes:
                 f"{path}: {info.st_size} bytes is over the limit of {max_bytes} bytes "
                 "(BATCHERY_MAX_IMAGE_BYTES)"
             )
+    except BaseException:
+        os.close(fd)
+        raise
+    with os.fdopen(fd, "rb") as fh:
         data = fh.read(max_bytes + 1)
     if len(data) > max_bytes:  # it grew while we read it
         raise ImageTooLargeError(

@@ -64,6 +64,7 @@ class Settings:
     http_max_body: int = 64 * 1024 * 1024
     http_max_wait_s: float = 60.0
     http_body_timeout_s: float = 30.0
+    shared_roots: tuple[Path, ...] = ()
 
     def __post_init__(self) -> None:
         if self.chunk_size > MAX_JOBS_PER_MESSAGE:
@@ -235,7 +236,23 @@ class Settings:
             http_body_timeout_s=float(
                 number("BATCHERY_HTTP_BODY_TIMEOUT", defaults.http_body_timeout_s, float, 0.1)
             ),
+            shared_roots=shared_roots(env.get("BATCHERY_SHARED_ROOTS", "")),
         )
+
+
+def shared_roots(value: str) -> tuple[Path, ...]:
+    """BATCHERY_SHARED_ROOTS: the ``:``-separated directories a worker reads ``path`` jobs
+    under; each must be an absolute path to an existing directory."""
+    roots = []
+    for part in value.split(":"):
+        if not part.strip():
+            continue
+        root = Path(part.strip())
+        if not root.is_absolute() or not root.is_dir():
+            raise ConfigError(f"BATCHERY_SHARED_ROOTS: {part!r} is not an absolute path to a "
+                              "directory")  # fmt: skip
+        roots.append(root)
+    return tuple(roots)
 
 
 #: A query parameter that carries a secret (``?password=``, ``sentinel_password=``, ...).

@@ -247,6 +247,25 @@ def check_deadline(value: Any) -> float | None:
     return seconds
 
 
+#: Longest file path a job may carry.
+MAX_PATH_CHARS = 4096
+
+
+def check_shared_path(value: Any) -> str:
+    """A ``path`` job's file: absolute, printable, at most :data:`MAX_PATH_CHARS`, without
+    ``.`` or ``..`` parts. Whether a worker may read it is the worker's question
+    (``images.read_shared``)."""
+    if not isinstance(value, str) or not value.startswith("/"):
+        raise InvalidJobError(f"path must be an absolute path, got {excerpt(value)}")
+    if len(value) > MAX_PATH_CHARS:
+        raise InvalidJobError(f"path is over {MAX_PATH_CHARS} characters")
+    if not value.isprintable():
+        raise InvalidJobError(f"path {excerpt(value)} holds control characters")
+    if any(part in (".", "..") for part in value.split("/")):
+        raise InvalidJobError(f"path {excerpt(value)} has . or .. parts")
+    return value
+
+
 #: Longest callback URL a job may carry.
 MAX_URL_CHARS = 2048
 
@@ -315,16 +334,22 @@ class Job:
     deadline_s: float | None = None
     #: Answer with an attribution map for the predicted class too (see worker.explain).
     explain: bool = False
+    #: Instead of ``image``: a file the worker reads itself, under its BATCHERY_SHARED_ROOTS
+    #: (``classify --shared-fs``, where workers see the producer's files).
+    path: str | None = None
 
     def to_wire(self) -> dict[str, Any]:
         """The job as a JSON-ready dict (image bytes in base64)."""
         wire: dict[str, Any] = {
             "id": self.id,
-            "image": base64.b64encode(self.image).decode("ascii"),
             "model": self.model,
             "version": self.version,
             "submitted_at": self.submitted_at,
         }
+        if self.path is not None:
+            wire["path"] = self.path
+        else:
+            wire["image"] = base64.b64encode(self.image).decode("ascii")
         if not self.notify:
             wire["notify"] = False
         if self.priority != "normal":
@@ -345,7 +370,7 @@ class Job:
 
     def wire_size(self) -> int:
         """Roughly the bytes this job takes in a message (its image in base64, plus fields)."""
-        return base64_limit(len(self.image)) + 200
+        return base64_limit(len(self.image)) + len(self.path or "") + 200
 
     @classmethod
     def from_wire(cls, obj: Any, max_image_bytes: int = 1 << 62) -> Job:
@@ -360,7 +385,10 @@ class Job:
         try:
             model = check_name("model", obj.get("model"))
             version = check_name("version", obj.get("version"))
-            image = obj.get("image")
+            path = obj.get("path")
+            if path is not None and obj.get("image") is not None:
+                raise InvalidJobError("a job carries an image or a path, not both")
+            image = "" if path is not None else obj.get("image")
             if not isinstance(image, str):
                 raise InvalidJobError(f"image must be base64 text, got {excerpt(image)}")
             # Checked before decoding: a huge field costs nothing more than its reading.
@@ -384,6 +412,7 @@ class Job:
                 priority=check_priority(obj.get("priority", "normal")),
                 deadline_s=check_deadline(obj.get("deadline_s")),
                 explain=check_flag("explain", obj.get("explain", False)),
+                path=None if path is None else check_shared_path(path),
             )
         except InvalidJobError as exc:
             exc.job_id = job_id

@@ -20,6 +20,7 @@ import numpy as np
 import redis
 
 from producer.errors import BatchContractError, BatcheryError, InvalidImageError, WireError
+from producer.images import read_shared
 from producer.ledger import Ledger, settle
 from producer.settings import Settings
 from producer.signing import Signer
@@ -293,16 +294,13 @@ class BatchRunner:
         inputs: list[np.ndarray] = []
         ready: list[Job] = []
         results: list[JobResult] = []
+        limits = self.settings.max_image_bytes, self.settings.max_image_pixels
         for job in jobs:
             try:
-                inputs.append(
-                    preprocess.decode(
-                        job.image,
-                        info,
-                        self.settings.max_image_bytes,
-                        self.settings.max_image_pixels,
-                    )
-                )
+                data = job.image
+                if job.path is not None:  # the worker reads it, where it may
+                    data = read_shared(job.path, self.settings.shared_roots, limits[0])
+                inputs.append(preprocess.decode(data, info, *limits))
                 ready.append(job)
             except InvalidImageError as exc:
                 results.append(JobResult.failure(job, str(exc), info.name, info.version))
