@@ -51,7 +51,15 @@ def _load(**_: Any) -> None:
 
 def _inputs(images_b64: list[str]) -> np.ndarray:
     assert _info is not None
-    pixels = [preprocess.decode(base64.b64decode(b), _info, 1 << 30, 1 << 30) for b in images_b64]
+    if os.environ.get("BENCH_FULL_DECODE"):  # the tutorial's way: every pixel, then resize
+        from bench.photos import full_decode
+
+        height, width, _ = _info.input_shape
+        pixels = [np.asarray(full_decode(base64.b64decode(b), (width, height), _info.color_mode))
+                  for b in images_b64]  # fmt: skip
+    else:
+        pixels = [preprocess.decode(base64.b64decode(b), _info, 1 << 30, 1 << 30)
+                  for b in images_b64]  # fmt: skip
     return preprocess.normalize(np.stack(pixels), _info)
 
 

@@ -135,9 +135,13 @@ def _model_folder(model: str, workdir: Path, private: bool) -> tuple[Registry, M
 
 
 @contextmanager
-def celery_worker(url: str, queue: str, workers: int, model: ModelInfo) -> Iterator[None]:
-    """A stock ``celery worker`` for the baselines, stopped afterwards."""
+def celery_worker(url: str, queue: str, workers: int, model: ModelInfo,
+                  full_decode: bool = False) -> Iterator[None]:  # fmt: skip
+    """A stock ``celery worker`` for the baselines, stopped afterwards (``full_decode``: it
+    decodes every pixel of an image, then resizes, as a tutorial does)."""
     env = {**os.environ, "BATCHERY_REDIS_URL": url, "BENCH_MODEL_PATH": str(model.path)}
+    if full_decode:
+        env["BENCH_FULL_DECODE"] = "1"
     log = open(tempfile.mkstemp(prefix="bench-celery-", suffix=".log")[1], "wb")  # noqa: SIM115
     proc = subprocess.Popen(
         [sys.executable, "-m", "celery", "-A", "bench.baselines:app", "worker", "-Q", queue,
@@ -168,13 +172,14 @@ def wait_ready(probe: Callable[[], bool], what: str, timeout: float = 300) -> No
 # --- the variants ---------------------------------------------------------------------------
 
 
-def run_tutorial(url: str, paths: list[Path], workers: int, info: ModelInfo) -> Row:
+def run_tutorial(url: str, paths: list[Path], workers: int, info: ModelInfo,
+                 full_decode: bool = False) -> Row:  # fmt: skip
     """(a) one task per image, model.predict, AsyncResult.get() per result."""
     from bench.baselines import app
 
     app.conf.broker_url = app.conf.result_backend = url
     encoded = [base64.b64encode(p.read_bytes()).decode() for p in paths]
-    with celery_worker(url, "bench-a", workers, info):
+    with celery_worker(url, "bench-a", workers, info, full_decode):
         warm = app.send_task("bench.tutorial", (encoded[0],), queue="bench-a")
         warm.get(timeout=300)
         started = time.perf_counter()
@@ -185,17 +190,19 @@ def run_tutorial(url: str, paths: list[Path], workers: int, info: ModelInfo) -> 
             result.get(timeout=600)
             latencies.append(time.perf_counter() - at)
         seconds = time.perf_counter() - started
-    return Row("(a) tutorial: task per image, model.predict", len(paths), seconds, latencies)
+    name = "(a) tutorial: task per image, model.predict"
+    return Row(name + (", full decode" if full_decode else ""), len(paths), seconds, latencies)
 
 
-def run_batches(url: str, paths: list[Path], workers: int, info: ModelInfo) -> Row:
+def run_batches(url: str, paths: list[Path], workers: int, info: ModelInfo,
+                full_decode: bool = False) -> Row:  # fmt: skip
     """(b) celery-batches flush_every=64, one task per image, results read by MGET."""
     from bench.baselines import app
 
     app.conf.broker_url = app.conf.result_backend = url
     encoded = [base64.b64encode(p.read_bytes()).decode() for p in paths]
     r = redis.Redis.from_url(url)
-    with celery_worker(url, "bench-b", workers, info):
+    with celery_worker(url, "bench-b", workers, info, full_decode):
         app.send_task("bench.batches", (encoded[0],), queue="bench-b").get(timeout=300)
         started = time.perf_counter()
         sent_at: dict[str, float] = {}
@@ -203,7 +210,8 @@ def run_batches(url: str, paths: list[Path], workers: int, info: ModelInfo) -> R
             sent_at[app.send_task("bench.batches", (e,), queue="bench-b").id] = time.perf_counter()
         latencies = _collect_by_mget(r, sent_at)
         seconds = time.perf_counter() - started
-    return Row("(b) celery-batches, flush_every=64", len(paths), seconds, latencies)
+    name = "(b) celery-batches, flush_every=64" + (", full decode" if full_decode else "")
+    return Row(name, len(paths), seconds, latencies)
 
 
 def _collect_by_mget(r: redis.Redis, sent_at: dict[str, float]) -> list[float]:
@@ -309,13 +317,18 @@ def run_lone(client: Client, paths: list[Path], n: int = 200) -> Row:
                          lambda: client.result(client.submit(data), timeout=60))  # fmt: skip
 
 
-def run_bulk(url: str, folder: Path, n: int, env: dict[str, str],
-             model: ModelInfo | None = None) -> tuple[Row, int]:  # fmt: skip
+def run_bulk(
+    url: str, folder: Path, n: int, env: dict[str, str], model: ModelInfo | None = None,
+    flags: tuple[str, ...] = (),
+) -> tuple[Row, int]:  # fmt: skip
     """(d) `batchery classify` over the files; returns the row and the producer's peak RSS.
 
-    With ``model``, (d') the same through that version (an optimised one)."""
+    With ``model``, (d') the same through that version (an optimised one); ``flags`` go to
+    ``classify`` as they are."""
     out = folder.parent / "bulk.jsonl"
-    cmd = [sys.executable, "-m", "producer.cli", "classify", str(folder), "-o", str(out)]
+    out.unlink(missing_ok=True)
+    cmd = [sys.executable, "-m", "producer.cli", "classify", str(folder), "-o", str(out),
+           *flags]  # fmt: skip
     if model is not None:
         cmd += ["--model", model.key]
     started = time.perf_counter()
@@ -489,6 +502,20 @@ def run_bench(model: str, images: int, workers: int, chart: Path | None,
     out(table(rows, model, workers))
     if chart is not None:
         draw_chart(rows, model, workers, chart, out)
+    return rows
+
+
+def run_photo_bench(n: int, workers: int, out: Callable[[str], None] = print) -> list[Row]:
+    """``--photos N``: the photo rows (bench.photo_rows) with MobileNetV2, and their table."""
+    from bench.photo_rows import run_photos
+
+    workdir = Path(tempfile.mkdtemp(prefix="batchery-photos-"))
+    try:
+        registry, info, _ = model_folder("mobilenet", workdir)
+        rows = run_photos(n, workers, registry.root, info, workdir, out)
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+    out(table(rows, f"mobilenet on {n} photos of 4000x3000", workers))
     return rows
 
 

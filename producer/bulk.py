@@ -19,8 +19,9 @@ import stat
 import sys
 import threading
 import time
-from collections import Counter, OrderedDict
-from collections.abc import Callable, Iterable, Iterator
+from collections import Counter, OrderedDict, deque
+from collections.abc import Callable, Generator, Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from itertools import islice
 from pathlib import Path
@@ -263,7 +264,16 @@ def classify(
     holding = 0
     answered: dict[str, dict[str, Any]] = {}
     collected: list[str] = []
-    paths = iter_inputs(specs)
+    threads = min(4, os.cpu_count() or 1)
+
+    def prepare(path: str) -> Any:
+        if path in writer.done:
+            return _SKIP
+        return job_input(path, limit, max_pixels, shrink_to, shared_fs)
+
+    # Read (and shrink) a few files ahead, on as many threads as cores: Pillow decodes and
+    # zlib encodes without the GIL, so --shrink uses every core the workers leave free.
+    prepared = _ahead(iter_inputs(specs), prepare, threads)
     exhausted = False
     restore = _sigterm_interrupts()
     try:
@@ -274,22 +284,22 @@ def classify(
             pending = 0
             while (not exhausted and len(inflight) < window
                    and (holding < window_bytes or not held)):  # fmt: skip
-                path = next(paths, None)
-                if path is None:
+                item = next(prepared, None)
+                if item is None:
                     exhausted = True
-                elif path in writer.done:
+                    continue
+                path, made = item
+                if made is _SKIP:
                     summary.skipped += 1
                     bar.update(1)
+                elif isinstance(made, (OSError, InvalidImageError)):
+                    key = new_job_id()
+                    inflight[key] = (path, "")
+                    answered[key] = {"status": FAILURE, "error": _reason(made, path)}
+                elif isinstance(made, BaseException):
+                    raise made
                 else:
-                    try:
-                        job = replace(template, id=new_job_id(), submitted_at=time.time(),
-                                      **job_input(path, limit, max_pixels, shrink_to,
-                                                  shared_fs))  # fmt: skip
-                    except (OSError, InvalidImageError) as exc:
-                        key = new_job_id()
-                        inflight[key] = (path, "")
-                        answered[key] = {"status": FAILURE, "error": _reason(exc, path)}
-                        continue
+                    job = replace(template, id=new_job_id(), submitted_at=time.time(), **made)
                     jobs.append(job)
                     inflight[job.id] = (path, job.id)
                     held[job.id] = REDIS_COPIES * job.wire_size()
@@ -339,6 +349,7 @@ def classify(
         except BatcheryError as exc:  # Redis away: the jobs will be computed, and dropped
             print(f"batchery: could not cancel the jobs in flight: {exc}", file=sys.stderr)
     finally:
+        prepared.close()
         restore()
         bar.close()
         writer.close()
@@ -372,6 +383,32 @@ def write_heatmap(folder: Path, path: str, result: dict[str, Any]) -> str | None
     return str(target)
 
 
+_SKIP = object()
+
+
+def _ahead(items: Iterator[str], work: Callable[[str], Any], threads: int
+           ) -> Generator[tuple[str, Any], None, None]:  # fmt: skip
+    """Each item with what ``work(item)`` returned or raised, in order, worked on ``threads``
+    at a time and at most twice that many ahead of the consumer."""
+
+    def attempt(item: str) -> Any:
+        try:
+            return work(item)
+        except Exception as exc:
+            return exc
+
+    with ThreadPoolExecutor(threads) as pool:
+        pending: deque[tuple[str, Future[Any]]] = deque()
+        for item in items:
+            pending.append((item, pool.submit(attempt, item)))
+            if len(pending) > 2 * threads:
+                first, future = pending.popleft()
+                yield first, future.result()
+        while pending:
+            first, future = pending.popleft()
+            yield first, future.result()
+
+
 def job_input(
     path: str, limit: int, max_pixels: int, shrink_to: tuple[tuple[int, int], str] | None,
     shared_fs: bool,
@@ -388,11 +425,12 @@ def job_input(
         if info.st_size > limit:
             raise ImageTooLargeError(f"{path}: {info.st_size} bytes is over the limit of "
                                      f"{limit} bytes (BATCHERY_MAX_IMAGE_BYTES)")  # fmt: skip
-        return {"path": real}
+        return {"path": real, "source_bytes": info.st_size}
     data = read_checked(path, limit, max_pixels)
     if shrink_to is not None:
         try:
-            data = shrink(data, *shrink_to, limit, max_pixels)
+            return {"image": shrink(data, *shrink_to, limit, max_pixels),
+                    "source_bytes": len(data)}  # fmt: skip
         except InvalidImageError as exc:
             raise InvalidImageError(f"{path}: {exc}") from exc
     return {"image": data}

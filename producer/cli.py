@@ -227,6 +227,10 @@ def _parser() -> argparse.ArgumentParser:
         help="also the model optimised to LiteRT by this method, in bulk and in-process",
     )  # fmt: skip
     p.add_argument(
+        "--photos", type=int, metavar="N",
+        help="instead: bulk on N camera-sized JPEGs (4000x3000) with MobileNetV2, every way",
+    )  # fmt: skip
+    p.add_argument(
         "--chart",
         type=Path,
         default=Path("bench-results.png"),
@@ -496,9 +500,14 @@ def _bench(args: argparse.Namespace, settings: Settings) -> int:
 
     from bench.run import run_bench
 
+    workers = args.workers or os.cpu_count() or 1
+    if args.photos:
+        from bench.run import run_photo_bench
+
+        run_photo_bench(args.photos, workers)
+        return 0
     images = args.images or (20000 if args.model == "reference" else 500)
-    run_bench(args.model, images, args.workers or os.cpu_count() or 1, args.chart,
-              optimized=args.optimized)  # fmt: skip
+    run_bench(args.model, images, workers, args.chart, optimized=args.optimized)
     return 0
 
 

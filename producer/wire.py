@@ -337,6 +337,10 @@ class Job:
     #: Instead of ``image``: a file the worker reads itself, under its BATCHERY_SHARED_ROOTS
     #: (``classify --shared-fs``, where workers see the producer's files).
     path: str | None = None
+    #: Not sent: the size of the file a shrunk or path job stands for. Messages are cut by it
+    #: too, so a message never stands for more than BATCHERY_MAX_MESSAGE_BYTES of photos and
+    #: the work spreads over every pool process (workers merge small messages into batches).
+    source_bytes: int = 0
 
     def to_wire(self) -> dict[str, Any]:
         """The job as a JSON-ready dict (image bytes in base64)."""
@@ -503,7 +507,7 @@ def chunk_jobs(jobs: Sequence[Job], most_jobs: int, most_bytes: int) -> list[lis
     current: list[Job] = []
     size = 0
     for job in jobs:
-        weight = job.wire_size()
+        weight = max(job.wire_size(), job.source_bytes)
         if current and (
             len(current) >= most_jobs
             or size + weight > most_bytes
