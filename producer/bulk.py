@@ -30,7 +30,7 @@ from typing import IO, Any
 import numpy as np
 from tqdm import tqdm
 
-from producer.client import Client
+from producer.client import MAX_PUSH_BYTES, Client
 from producer.errors import BatcheryError, ImageTooLargeError, InvalidImageError
 from producer.images import IMAGE_EXTENSIONS, check_image_bytes, read_file, shrink
 from producer.wire import FAILURE, Job, new_job_id
@@ -305,7 +305,9 @@ def classify(
                     held[job.id] = REDIS_COPIES * job.wire_size()
                     holding += held[job.id]
                     pending += held[job.id]
-                    if len(jobs) >= chunk * 16 or pending >= window_bytes // 4:
+                    if len(jobs) >= chunk * 16 or pending >= min(
+                        window_bytes // 4, MAX_PUSH_BYTES // 2
+                    ):
                         client.enqueue(jobs)
                         jobs, pending = [], 0
             client.enqueue(jobs)

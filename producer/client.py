@@ -11,7 +11,12 @@ from typing import Any, TypeVar
 
 import redis
 
-from producer.errors import QueueFullError, RedisUnavailableError, ResultTimeoutError
+from producer.errors import (
+    InvalidImageError,
+    QueueFullError,
+    RedisUnavailableError,
+    ResultTimeoutError,
+)
 from producer.images import ImageInput, image_bytes
 from producer.ledger import Ledger
 from producer.registry import Registry
@@ -43,6 +48,10 @@ from producer.wire import (
 
 #: Connections a client may open: one per thread for commands, one per waiting thread.
 MAX_CONNECTIONS = 2048
+#: Most bytes of messages one push carries. A single call over it is refused: Redis takes a
+#: command of at most 512 MB, and cuts the connection on a bigger one (which reads like an
+#: outage); and the producer would hold it all, twice, meanwhile.
+MAX_PUSH_BYTES = 256 * 1024 * 1024
 
 
 class Client:
@@ -116,7 +125,9 @@ class Client:
     ) -> list[str]:
         """Enqueue many images in one round trip; return their job ids in input order.
 
-        Every input is checked first: if one can't be sent, nothing is enqueued. Jobs travel
+        Every input is checked first: if one can't be sent, nothing is enqueued, and a call
+        of more than 256 MiB of images is refused whole (``batchery classify`` streams any
+        number of files). Jobs travel
         up to ``chunk_size`` to a message (fewer when their images pass
         BATCHERY_MAX_MESSAGE_BYTES together); each keeps its own id and its own result.
         ``priority``, ``deadline_s`` and ``explain`` as for :meth:`submit`.
@@ -194,7 +205,14 @@ class Client:
         """
         if not jobs:
             return
-        ticket = _Ticket(list(jobs), dict(records or {}))
+        size = sum(job.wire_size() for job in jobs)
+        if size > MAX_PUSH_BYTES:
+            raise InvalidImageError(
+                f"{len(jobs)} images make {size >> 20} MiB in one call, over the "
+                f"{MAX_PUSH_BYTES >> 20} MiB one push may carry: submit fewer at a time "
+                "(batchery classify streams any number); nothing was enqueued"
+            )
+        ticket = _Ticket(list(jobs), dict(records or {}), size)
         with self._outbox_ready:
             self._outbox.append(ticket)
             while not ticket.sent:
@@ -207,19 +225,30 @@ class Client:
                 if ticket.error is not None:
                     raise ticket.error
                 return
+        # Calls that arrived together leave together, a push of at most MAX_PUSH_BYTES at a
+        # time: each call is whole in one push (all or none).
+        groups: list[list[_Ticket]] = [[]]
+        for t in batch:
+            if groups[-1] and sum(g.size for g in groups[-1]) + t.size > MAX_PUSH_BYTES:
+                groups.append([])
+            groups[-1].append(t)
         error: BaseException | None = None
-        try:
-            self._push([job for t in batch for job in t.jobs],
-                       {jid: rec for t in batch for jid, rec in t.records.items()})  # fmt: skip
-        except BaseException as exc:
-            error = exc
+        for group in groups:
+            try:
+                if error is None:
+                    records = {jid: rec for t in group for jid, rec in t.records.items()}
+                    self._push([job for t in group for job in t.jobs], records)
+            except BaseException as exc:
+                error = exc
+            for t in group:
+                t.error = error
         with self._outbox_ready:
             for t in batch:
-                t.sent, t.error = True, error
+                t.sent = True
             self._pushing = False
             self._outbox_ready.notify_all()
-        if error is not None:
-            raise error
+        if ticket.error is not None:
+            raise ticket.error
 
     def _push(self, jobs: list[Job], records: dict[str, str]) -> None:
         settings = self.settings
@@ -447,10 +476,11 @@ return flags
 class _Ticket:
     """Jobs waiting in a client's outbox for a group push."""
 
-    __slots__ = ("error", "jobs", "records", "sent")
+    __slots__ = ("error", "jobs", "records", "sent", "size")
 
-    def __init__(self, jobs: list[Job], records: dict[str, str]) -> None:
+    def __init__(self, jobs: list[Job], records: dict[str, str], size: int) -> None:
         self.jobs = jobs
         self.records = records
+        self.size = size
         self.sent = False
         self.error: BaseException | None = None

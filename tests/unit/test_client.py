@@ -207,3 +207,16 @@ def test_devices_and_fifos_are_refused_never_read(client, tmp_path) -> None:
     for path in (device, fifo):
         with pytest.raises(InvalidImageError, match="not a regular file"):
             client.submit(path)
+
+
+def test_a_call_too_big_for_one_push_is_refused_before_anything_is_sent(
+    client: Client, fake_redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import producer.client
+
+    monkeypatch.setattr(producer.client, "MAX_PUSH_BYTES", 20_000)
+    image = digit_paths(1)[0].read_bytes()
+    with pytest.raises(InvalidImageError, match="over the 0 MiB one push may carry"):
+        client.submit_many([image] * 100)
+    assert fake_redis.llen("batchery") == 0
+    assert len(client.submit_many([image] * 10)) == 10  # under it: pushed as ever
