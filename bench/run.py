@@ -331,15 +331,19 @@ def run_bulk(
            *flags]  # fmt: skip
     if model is not None:
         cmd += ["--model", model.key]
+    # The progress bar goes to a file, not a pipe: a long run writes more than a pipe holds,
+    # and a pipe read only at the end would stop classify mid-run.
+    log = folder.parent / "bulk.stderr"
     started = time.perf_counter()
-    proc = subprocess.Popen(cmd, env={**env, "BATCHERY_REDIS_URL": url},
-                            stderr=subprocess.PIPE, text=True, cwd=ROOT)  # fmt: skip
-    peak = 0
-    while proc.poll() is None:
-        peak = max(peak, peak_rss(proc.pid))
-        time.sleep(0.05)
+    with log.open("w") as errors:
+        proc = subprocess.Popen(cmd, env={**env, "BATCHERY_REDIS_URL": url},
+                                stderr=errors, text=True, cwd=ROOT)  # fmt: skip
+        peak = 0
+        while proc.poll() is None:
+            peak = max(peak, peak_rss(proc.pid))
+            time.sleep(0.05)
     seconds = time.perf_counter() - started
-    stderr = proc.stderr.read() if proc.stderr else ""
+    stderr = log.read_text(errors="replace")
     if proc.returncode != 0:
         raise RuntimeError(f"classify failed: {stderr[-2000:]}")
     rows = sum(1 for _ in out.open())
