@@ -11,6 +11,8 @@ from typing import Any, TypeVar
 
 import redis
 
+from producer import connections
+from producer.connections import ReplicaAcks
 from producer.errors import (
     InvalidImageError,
     QueueFullError,
@@ -73,11 +75,9 @@ class Client:
             settings = replace(settings, redis_url=url)
         self.settings = settings
         # Each thread waiting on a result holds a subscriber connection: room for many threads.
-        self._redis = redis_client or redis.Redis.from_url(
-            settings.redis_url, max_connections=MAX_CONNECTIONS, **settings.redis_ssl()
-        )
+        self._redis = redis_client or connections.client(settings, max_connections=MAX_CONNECTIONS)
         self._signer = Signer.from_settings(settings)
-        self._ledger = Ledger(self._redis, settings.queue)
+        self._ledger = Ledger(self._redis, settings.queue, ReplicaAcks.from_settings(settings))
         self._cancel = self._redis.register_script(_CANCEL)
         self._outbox: list[_Ticket] = []
         self._pushing = False

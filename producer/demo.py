@@ -8,10 +8,11 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any, TextIO
 
+from producer import connections
 from producer.client import Client
 from producer.errors import RedisUnavailableError
 from producer.images import IMAGE_EXTENSIONS
-from producer.local import RedisServer, WorkerProcess, redis_answers
+from producer.local import RedisServer, WorkerProcess
 from producer.settings import Settings, redact_url
 from producer.wire import SUCCESS
 
@@ -39,7 +40,7 @@ def run_demo(
     if not files:
         raise FileNotFoundError(f"no images in {digits}")
     with ExitStack() as stack:
-        if redis_answers(settings.redis_url):
+        if connections.answers(settings):
             print(f"redis:  using {redact_url(settings.redis_url)}", file=out)
         elif not start_worker:
             raise RedisUnavailableError(f"no Redis answers at {redact_url(settings.redis_url)}")

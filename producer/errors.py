@@ -62,5 +62,9 @@ class RedisUnavailableError(BatcheryError):
     """Redis cannot be reached at the configured URL."""
 
 
+class ReplicaAckError(BatcheryError):
+    """Fewer replicas than BATCHERY_REPLICA_ACKS confirmed a write in time: failover may lose it."""
+
+
 class QueueFullError(BatcheryError):
     """The queue is at BATCHERY_MAX_QUEUE, or Redis is out of memory: nothing was enqueued."""

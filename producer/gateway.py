@@ -32,7 +32,7 @@ from starlette.responses import FileResponse, HTMLResponse, JSONResponse, Respon
 from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
-from producer import openapi
+from producer import connections, openapi
 from producer.apikeys import ApiKeys, RateLimiter
 from producer.client import Client
 from producer.errors import (
@@ -43,6 +43,7 @@ from producer.errors import (
     ModelNotFoundError,
     QueueFullError,
     RedisUnavailableError,
+    ReplicaAckError,
     UnsupportedFormatError,
     WebhookRefusedError,
     WireError,
@@ -138,7 +139,7 @@ def refusal(exc: BaseException) -> HTTPException:
         return HTTPException(415, text)
     if isinstance(exc, QueueFullError):
         return HTTPException(429, text, {"Retry-After": "1"})
-    if isinstance(exc, RedisUnavailableError):
+    if isinstance(exc, (RedisUnavailableError, ReplicaAckError)):
         return HTTPException(503, text, {"Retry-After": "1"})
     if isinstance(exc, (InvalidImageError, WireError, ModelNotFoundError, WebhookRefusedError)):
         return HTTPException(400, text)
@@ -410,8 +411,7 @@ def create_app(settings: Settings, webhooks: bool = True) -> Any:
         client_settings = replace(settings, queue_wait_s=0.0,
                                   connect_retry_s=min(settings.connect_retry_s, 2.0))  # fmt: skip
         client = Client(settings=client_settings)
-        r = aioredis.Redis.from_url(settings.redis_url, max_connections=1024,
-                                    socket_connect_timeout=2, **settings.redis_ssl())  # fmt: skip
+        r = connections.async_client(settings, max_connections=1024, socket_connect_timeout=2)
         waiter = ResultWaiter(r)
         limiter = RateLimiter(r, settings.api_rate, settings.api_burst) if keys else None
         app.state.gateway = Gateway(settings, client, r, keys, limiter, waiter,

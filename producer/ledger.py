@@ -25,6 +25,7 @@ from typing import Any
 
 import redis
 
+from producer.connections import ReplicaAcks
 from producer.wire import (
     JOB_KEY_PREFIX,
     PRIORITIES,
@@ -132,9 +133,10 @@ def push_command(
 class Ledger:
     """One queue's ledger: the scripts are registered once, run by their sha after that."""
 
-    def __init__(self, client: redis.Redis, queue: str) -> None:
+    def __init__(self, client: redis.Redis, queue: str, acks: ReplicaAcks | None = None) -> None:
         self.client = client
         self.queue = queue
+        self.acks = acks or ReplicaAcks(0, 0.0)
         self.lists = [queue_key(queue, priority) for priority in PRIORITIES]
         self.keys = (ledger_key(queue), ledger_due_key(queue))
         self._push = client.register_script(_PUSH)
@@ -148,10 +150,20 @@ class Ledger:
         -1 (nothing written) if that would pass ``limit`` messages waiting.
 
         ``records``: job id -> its record (``wire.encode_job_record``), written in the same
-        script, expiring after ``ttl_s``.
+        script, expiring after ``ttl_s``. With replica acks, returns once enough replicas hold
+        the push (:class:`~producer.errors.ReplicaAckError` if they don't in time).
         """
         keys, args = push_command(self.queue, messages, check_after_s, limit, records, ttl_s)
-        return int(self._push(keys=keys, args=args))
+        if not self.acks.replicas:
+            return int(self._push(keys=keys, args=args))
+        with self.client.pipeline(transaction=False) as pipe:
+            self._push(keys=keys, args=args, client=pipe)
+            self.acks.add(pipe)
+            replies = pipe.execute()
+        pushed = int(replies[0])
+        if pushed >= 0:
+            self.acks.check(replies, f"{pushed} messages pushed")
+        return pushed
 
     def sweep(
         self, check_after_s: float, expire_s: float, every_s: float = 1.0, most: int = 20

@@ -232,3 +232,150 @@ class WorkerProcess:
         tb: TracebackType | None,
     ) -> None:
         self.stop()
+
+
+@dataclass
+class SentinelSet:
+    """A Redis that fails over, on 127.0.0.1: a primary, replicas and sentinels watching it.
+
+    For tests and the bench. ``password`` guards Redis (primary and replicas),
+    ``sentinel_password`` the sentinels. A context manager that stops every process.
+    """
+
+    replicas: int = 2
+    sentinels: int = 3
+    master: str = "batchery"
+    password: str | None = None
+    sentinel_password: str | None = None
+    down_after_ms: int = 1000
+    servers: list[RedisServer] = field(default_factory=list)
+    sentinel_ports: list[int] = field(default_factory=list)
+    sentinel_processes: list[subprocess.Popen[bytes]] = field(default_factory=list)
+    workdir: Path | None = None
+
+    @property
+    def url(self) -> str:
+        """``sentinel://[:password@]127.0.0.1:<port>/0;...``: BATCHERY_REDIS_URL's form."""
+        login = f":{self.password}@" if self.password else ""
+        return ";".join(f"sentinel://{login}127.0.0.1:{port}/0" for port in self.sentinel_ports)
+
+    def env(self) -> dict[str, str]:
+        """The BATCHERY_* variables that reach this Redis through its sentinels."""
+        env = {"BATCHERY_REDIS_URL": self.url, "BATCHERY_SENTINEL_MASTER": self.master}
+        if self.sentinel_password:
+            env["BATCHERY_SENTINEL_PASSWORD"] = self.sentinel_password
+        return env
+
+    def start(self, timeout: float = 30.0) -> SentinelSet:
+        """Start the primary, its replicas, then the sentinels; wait until the sentinels
+        know every replica and each other."""
+        self.workdir = self.workdir or Path(tempfile.mkdtemp(prefix="batchery-sentinel-"))
+        auth: tuple[str, ...] = ()
+        if self.password:
+            auth = ("--requirepass", self.password, "--masterauth", self.password)
+        ready = {"password": self.password} if self.password else {}
+        try:
+            primary = RedisServer(args=auth, ready_options=ready).start()
+            self.servers.append(primary)
+            for _ in range(self.replicas):
+                follow = ("--replicaof", "127.0.0.1", str(primary.port))
+                self.servers.append(RedisServer(args=auth + follow, ready_options=ready).start())
+            for i in range(self.sentinels):
+                self._start_sentinel(i, primary.port)
+            self._wait_until_known(timeout)
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def _start_sentinel(self, index: int, primary_port: int) -> None:
+        port = free_port()
+        lines = [
+            f"port {port}",
+            "bind 127.0.0.1",
+            f"dir {self.workdir}",
+            f"sentinel monitor {self.master} 127.0.0.1 {primary_port} {self.sentinels // 2 + 1}",
+            f"sentinel down-after-milliseconds {self.master} {self.down_after_ms}",
+            f"sentinel failover-timeout {self.master} 10000",
+            f"sentinel parallel-syncs {self.master} {max(1, self.replicas)}",
+        ]
+        if self.password:
+            lines.append(f"sentinel auth-pass {self.master} {self.password}")
+        if self.sentinel_password:
+            lines += [f"requirepass {self.sentinel_password}",
+                      f"sentinel sentinel-pass {self.sentinel_password}"]  # fmt: skip
+        assert self.workdir is not None
+        config = self.workdir / f"sentinel-{index}.conf"  # sentinels rewrite their config
+        config.write_text("\n".join(lines) + "\n")
+        binary = shutil.which("redis-server") or "redis-server"
+        log = (self.workdir / f"sentinel-{index}.log").open("ab")
+        command = [binary, str(config), "--sentinel"]
+        self.sentinel_processes.append(
+            subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
+        )
+        log.close()
+        self.sentinel_ports.append(port)
+
+    def sentinel_client(self, index: int = 0) -> redis.Redis:
+        """A client of one sentinel (for SENTINEL commands)."""
+        return redis.Redis(port=self.sentinel_ports[index], password=self.sentinel_password,
+                           socket_timeout=2, decode_responses=True)  # fmt: skip
+
+    def primary_port(self) -> int:
+        """The port of the server the sentinels name as the primary now."""
+        for index in range(len(self.sentinel_ports)):
+            with contextlib.suppress(redis.RedisError):
+                address: Any = self.sentinel_client(index).sentinel_get_master_addr_by_name(
+                    self.master
+                )
+                return int(address[1])
+        raise RedisUnavailableError("no sentinel answers")
+
+    def server(self, port: int) -> RedisServer:
+        """The server on ``port``."""
+        return next(server for server in self.servers if server.port == port)
+
+    def _wait_until_known(self, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while not all(_in_sync(server) for server in self.servers[1:]):
+            if time.monotonic() > deadline:
+                raise RedisUnavailableError(f"the replicas did not sync within {timeout:g} s")
+            time.sleep(0.1)
+        while True:
+            known = 0
+            for index in range(len(self.sentinel_ports)):
+                with contextlib.suppress(redis.RedisError):
+                    state: Any = self.sentinel_client(index).sentinel_master(self.master)
+                    replicas, others = int(state["num-slaves"]), int(state["num-other-sentinels"])
+                    known += replicas >= self.replicas and others >= self.sentinels - 1
+            if known == self.sentinels:
+                return
+            if time.monotonic() > deadline:
+                raise RedisUnavailableError(f"the sentinels did not all see each other and "
+                                            f"the replicas within {timeout:g} s")  # fmt: skip
+            time.sleep(0.2)
+
+    def stop(self) -> None:
+        """Stop the sentinels first (so they don't fail over on the way down), then Redis."""
+        for process in self.sentinel_processes:
+            terminate(process, 10.0)
+        for server in self.servers:
+            server.stop()
+
+    def __enter__(self) -> SentinelSet:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def _in_sync(server: RedisServer) -> bool:
+    """Whether a replica's link to its primary is up (its first full sync done)."""
+    client = redis.Redis(port=server.port, socket_timeout=2, decode_responses=True,
+                         **server.ready_options)  # fmt: skip
+    try:
+        return client.info("replication").get("master_link_status") == "up"
+    except redis.RedisError:
+        return False
+    finally:
+        client.close()

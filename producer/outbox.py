@@ -11,10 +11,12 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Mapping, Sequence
+from typing import Any
 
 import redis
 import redis.asyncio as aioredis
 
+from producer.connections import ReplicaAcks
 from producer.errors import QueueFullError, RedisUnavailableError
 from producer.ledger import PUSH_SCRIPT, push_command
 from producer.settings import Settings, redact_url
@@ -32,6 +34,7 @@ class Outbox:
         self.settings = settings
         self._signer = Signer.from_settings(settings)
         self._script = client.register_script(PUSH_SCRIPT)
+        self._acks = ReplicaAcks.from_settings(settings)
         self._waiting: list[tuple[Sequence[Job], Records, asyncio.Future[None]]] = []
         self._pushing = False
         self._task: asyncio.Task[None] | None = None
@@ -82,7 +85,7 @@ class Outbox:
         pause = 0.05
         while True:
             try:
-                pushed = int(await self._script(keys=keys, args=args))
+                pushed = await self._run(keys, args)
                 break
             except (redis.ConnectionError, redis.TimeoutError) as exc:
                 if loop.time() >= deadline:
@@ -103,3 +106,15 @@ class Outbox:
                 f"queue {settings.queue!r} is full (BATCHERY_MAX_QUEUE={settings.max_queue} "
                 "messages): nothing was enqueued"
             )
+
+    async def _run(self, keys: list[str], args: list[Any]) -> int:
+        """The push script, then (with replica acks) WAIT on the same connection."""
+        if not self._acks.replicas:
+            return int(await self._script(keys=keys, args=args))
+        async with self.redis.pipeline(transaction=False) as pipe:
+            await self._script(keys=keys, args=args, client=pipe)
+            self._acks.add(pipe)
+            replies = await pipe.execute()
+        if int(replies[0]) >= 0:
+            self._acks.check(replies, f"{int(replies[0])} messages pushed")
+        return int(replies[0])

@@ -22,6 +22,12 @@ class Settings:
     """Everything Batchery can be configured with. Build it with :meth:`from_env`."""
 
     redis_url: str = "redis://localhost:6379/0"
+    sentinel_master: str | None = None
+    sentinel_username: str | None = None
+    sentinel_password: str | None = field(default=None, repr=False)
+    sentinel_tls: bool = False
+    replica_acks: int = 0
+    replica_ack_timeout_s: float = 5.0
     queue: str = "batchery"
     model_dir: Path = field(default=DEFAULT_MODEL_DIR)
     default_model: str = "mnist-cnn"
@@ -75,10 +81,18 @@ class Settings:
         if self.log_format not in ("text", "json"):
             raise ConfigError(f"BATCHERY_LOG_FORMAT={self.log_format!r}: use text or json")
         tls = (self.redis_tls_ca, self.redis_tls_cert, self.redis_tls_key)
-        if any(tls) and not self.redis_url.startswith("rediss://"):
+        if any(tls) and not self.redis_tls:
             raise ConfigError(
-                "BATCHERY_REDIS_TLS_* are set but BATCHERY_REDIS_URL is not rediss://"
+                "BATCHERY_REDIS_TLS_* are set but BATCHERY_REDIS_URL is not rediss:// (nor a "
+                "sentinel:// URL with BATCHERY_SENTINEL_TLS=1)"
             )
+        if self.sentinel and not self.sentinel_master:
+            raise ConfigError(
+                "BATCHERY_REDIS_URL is a sentinel:// URL: set BATCHERY_SENTINEL_MASTER to the "
+                "name the sentinels monitor the primary by"
+            )
+        if self.sentinel_tls and not self.sentinel:
+            raise ConfigError("BATCHERY_SENTINEL_TLS=1 needs a sentinel:// BATCHERY_REDIS_URL")
         if bool(self.redis_tls_cert) != bool(self.redis_tls_key):
             raise ConfigError("BATCHERY_REDIS_TLS_CERT and BATCHERY_REDIS_TLS_KEY go together")
         if self.webhook_secret is not None and len(self.webhook_secret) < 16:
@@ -104,17 +118,28 @@ class Settings:
         )
 
     @property
+    def sentinel(self) -> bool:
+        """Whether BATCHERY_REDIS_URL names Redis Sentinels rather than one Redis."""
+        return self.redis_url.startswith("sentinel://")
+
+    @property
+    def redis_tls(self) -> bool:
+        """Whether Redis (and, with Sentinel, the sentinels) is reached over TLS."""
+        return self.redis_url.startswith("rediss://") or (self.sentinel and self.sentinel_tls)
+
+    @property
     def signing(self) -> bool:
         """Whether task messages are signed and only signed ones accepted."""
         return self.signing_key is not None
 
     def redis_ssl(self) -> dict[str, Any]:
-        """TLS options for a ``rediss://`` URL (redis-py, kombu and Celery take the same keys).
+        """TLS options for a ``rediss://`` URL, or Sentinel with BATCHERY_SENTINEL_TLS=1
+        (redis-py, kombu and Celery take the same keys).
 
         The server's certificate is always verified: against BATCHERY_REDIS_TLS_CA, or the
         system's CAs without it. Empty for a plain ``redis://`` URL.
         """
-        if not self.redis_url.startswith("rediss://"):
+        if not self.redis_tls:
             return {}
         options: dict[str, Any] = {"ssl_cert_reqs": ssl.CERT_REQUIRED}
         for key, path in (("ssl_ca_certs", self.redis_tls_ca),
@@ -146,6 +171,12 @@ class Settings:
                 raise ConfigError(f"{name}={raw!r} must be at least {minimum}")
             return value
 
+        def flag(name: str) -> bool:
+            raw = env.get(name, "").strip().lower()
+            if raw not in ("", "0", "1", "true", "false", "yes", "no"):
+                raise ConfigError(f"{name}={raw!r}: use 1 or 0")
+            return raw in ("1", "true", "yes")
+
         def path(name: str) -> Path | None:
             value = env.get(name, "").strip()
             if not value:
@@ -156,6 +187,14 @@ class Settings:
 
         return cls(
             redis_url=text("BATCHERY_REDIS_URL", defaults.redis_url),
+            sentinel_master=env.get("BATCHERY_SENTINEL_MASTER", "").strip() or None,
+            sentinel_username=env.get("BATCHERY_SENTINEL_USERNAME", "").strip() or None,
+            sentinel_password=env.get("BATCHERY_SENTINEL_PASSWORD", "") or None,
+            sentinel_tls=flag("BATCHERY_SENTINEL_TLS"),
+            replica_acks=int(number("BATCHERY_REPLICA_ACKS", defaults.replica_acks, minimum=0)),
+            replica_ack_timeout_s=float(
+                number("BATCHERY_REPLICA_ACK_TIMEOUT", defaults.replica_ack_timeout_s, float, 0.001)
+            ),
             queue=text("BATCHERY_QUEUE", defaults.queue),
             model_dir=Path(text("BATCHERY_MODEL_DIR", str(defaults.model_dir))),
             default_model=text("BATCHERY_DEFAULT_MODEL", defaults.default_model),

@@ -23,6 +23,7 @@ from celery.exceptions import ImproperlyConfigured
 from redis.backoff import ExponentialBackoff
 from redis.retry import Retry
 
+from producer import connections
 from producer.errors import BatcheryError, ConfigError
 from producer.registry import ModelInfo, Registry
 from producer.settings import Settings, redact_url
@@ -41,7 +42,7 @@ from worker.compat import check_libraries
 from worker.models import ModelCache
 from worker.refusals import refusing_consumer
 from worker.tasks import BatchRunner, RequestLike
-from worker.transport import Transport
+from worker.transport import SentinelTransport, Transport
 
 log = logging.getLogger(__name__)
 
@@ -49,13 +50,13 @@ _runner: BatchRunner | None = None
 
 
 def redis_client(settings: Settings) -> redis.Redis:
-    """A Redis client that rides out a Redis restart: retried with backoff for about 30 s."""
-    return redis.Redis.from_url(
-        settings.redis_url,
+    """A Redis client that rides out a Redis restart or a failover: retried with backoff for
+    about 30 s."""
+    return connections.client(
+        settings,
         retry=Retry(ExponentialBackoff(cap=2.0, base=0.05), retries=20),
         retry_on_error=[redis.ConnectionError, redis.TimeoutError],
         health_check_interval=10,
-        **settings.redis_ssl(),
     )
 
 
@@ -155,9 +156,9 @@ return counted
 
 def create_app(settings: Settings) -> Celery:
     """The worker's Celery app: JSON only, results in Redis, the batched classify task."""
-    app = Celery(
-        "batchery", broker=settings.redis_url, backend=settings.redis_url, set_as_current=True
-    )
+    url = connections.celery_url(settings)
+    app = Celery("batchery", broker=url, backend=url, set_as_current=True)
+    sentinel = connections.sentinel_transport_options(settings)
     # Prefetch is weighed in jobs and bytes (worker.transport): Celery's own count, in
     # messages, is only an outer bound (a message carries at least one job).
     prefetch = math.ceil(settings.prefetch_job_limit / max(1, settings.concurrency))
@@ -186,7 +187,9 @@ def create_app(settings: Settings) -> Celery:
             "max_message_bytes": settings.message_limit,
             "prefetch_jobs": settings.prefetch_job_limit,
             "prefetch_bytes": settings.prefetch_bytes,
+            **sentinel,
         },
+        result_backend_transport_options=sentinel,
         # A dead pool process's batch is requeued after this wait (Celery's default: 10 s).
         # Results it stored before dying are kept: a redelivered job is not recomputed.
         worker_lost_wait=1.0,
@@ -198,7 +201,7 @@ def create_app(settings: Settings) -> Celery:
         # Refused messages: logged without their bodies, their jobs failed (see refusals).
         worker_consumer=refusing_consumer(settings, redis_client),
         # Unreadable messages dropped rather than stopping the worker (see transport).
-        broker_transport=Transport,
+        broker_transport=SentinelTransport if settings.sentinel else Transport,
         broker_use_ssl=settings.redis_ssl() or None,
         redis_backend_use_ssl=settings.redis_ssl() or None,
     )

@@ -45,6 +45,8 @@ def check_libraries() -> None:
     _require(kombu_redis.Channel, "kombu.transport.redis.Channel",
              "_brpop_read", "_brpop_start", "_flush_brpop_reauth", "_queue_cycle",
              "_q_for_pri", "brpop_timeout", "global_keyprefix", "sep", "QoS")  # fmt: skip
+    _require(kombu_redis.SentinelChannel, "kombu.transport.redis.SentinelChannel",
+             "_sentinel_managed_pool", "from_transport_options")  # fmt: skip
     _require(kombu_redis.QoS, "kombu.transport.redis.QoS",
              "append", "ack", "reject", "restore_unacked", "can_consume")  # fmt: skip
     for option in ("unacked_restore_interval", "unacked_restore_throttle"):

@@ -19,6 +19,7 @@ from typing import Any, Protocol
 import numpy as np
 import redis
 
+from producer.connections import ReplicaAcks
 from producer.errors import BatchContractError, BatcheryError, InvalidImageError, WireError
 from producer.images import read_shared
 from producer.ledger import Ledger, settle
@@ -80,12 +81,13 @@ class BatchRunner:
         self.metrics = recorded
         self.signer = Signer.from_settings(settings)
         self.ledger = Ledger(redis_client, settings.queue)
+        self.acks = ReplicaAcks.from_settings(settings)
         self._labels: dict[tuple[str, str], tuple[str, str]] = {}
 
     def run(self, requests: Sequence[RequestLike]) -> list[JobResult]:
         """Answer every job in these messages and store the answers; return them.
 
-        Only a Redis error escapes (the batch is then given back, to run once Redis answers):
+        Only a Redis error, or too few replica acks, escapes (the batch is then given back):
         whatever else goes wrong ends as a result for every job (see :func:`answer_each`).
 
         At-least-once delivery means a job can come again: one already answered is skipped
@@ -319,7 +321,7 @@ class BatchRunner:
     ) -> None:  # fmt: skip
         """Store a batch's results (see :func:`store_results`)."""
         store_results(self.redis, self.settings.queue, results, self.settings.result_ttl_s,
-                      quiet, settled, refused=refused)  # fmt: skip
+                      quiet, settled, refused=refused, acks=self.acks)  # fmt: skip
 
 
 def answer_each(
@@ -362,7 +364,7 @@ def _count(raw: Any) -> int:
 def store_results(
     client: redis.Redis, queue: str, results: Sequence[JobResult], ttl_s: int,
     quiet: Collection[str] = (), settled: Sequence[str] = (), batch: bool = True,
-    refused: int = 0,
+    refused: int = 0, acks: ReplicaAcks | None = None,
 ) -> None:  # fmt: skip
     """Write every result, publish it to waiting clients and count it: one round trip.
 
@@ -372,7 +374,9 @@ def store_results(
     script, so a process killed mid-store can't leave them apart). Results of ``quiet`` jobs
     are written but not published. The ``settled`` messages are struck off ``queue``'s
     ledger. ``batch``: count a batch (not for refused messages). ``refused``: jobs refused
-    without an id to answer them by.
+    without an id to answer them by. ``acks``: return only once that many replicas hold the
+    writes, else raise :class:`~producer.errors.ReplicaAckError` (the batch is given back,
+    and its messages acked only when a later try is confirmed).
     """
     args: list[Any] = [ttl_s, f"{time.time():.3f}", 1 if batch else 0, refused,
                        RESULT_KEY_PREFIX, JOB_KEY_PREFIX]  # fmt: skip
@@ -388,7 +392,11 @@ def store_results(
         if results:
             pipe.delete(*(deaths_key(result.job_id) for result in results))
         settle(pipe, queue, settled)
-        pipe.execute()
+        if acks is not None:
+            acks.add(pipe)
+        replies = pipe.execute()
+    if acks is not None:
+        acks.check(replies, f"the results of {len(results)} jobs")
 
 
 #: The stats counter of each status a worker stores.

@@ -209,3 +209,19 @@ class Transport(kombu_redis.Transport):
     """kombu's Redis transport with :class:`Channel`."""
 
     Channel = Channel
+
+
+class SentinelChannel(Channel, kombu_redis.SentinelChannel):
+    """:class:`Channel`'s checks and weighing, on a connection kombu finds through Sentinel."""
+
+    from_transport_options = (  # type: ignore[assignment]
+        *Channel.from_transport_options,
+        *(option for option in kombu_redis.SentinelChannel.from_transport_options
+          if option not in Channel.from_transport_options),
+    )  # fmt: skip
+
+
+class SentinelTransport(kombu_redis.SentinelTransport):
+    """kombu's Redis Sentinel transport with :class:`SentinelChannel`."""
+
+    Channel = SentinelChannel
