@@ -58,6 +58,7 @@ from producer.webhooks import Deliverer
 from producer.wire import (
     HEARTBEAT_PREFIX,
     MAX_JOBS_PER_MESSAGE,
+    backlog_key,
     check_job_id,
     decode_job_record,
     decode_result_meta,
@@ -351,8 +352,15 @@ async def readyz(request: Request) -> Response:
 
 
 async def metrics(request: Request) -> Response:
-    """``GET /metrics``: Prometheus text."""
+    """``GET /metrics``: Prometheus text, with the backlog read from Redis now."""
     gw: Gateway = request.app.state.gateway
+    queue = gw.settings.queue
+    try:
+        raw = await asyncio.wait_for(gw.redis.get(backlog_key(queue)), 2.0)
+        gw.metrics.backlog.labels(queue).set(max(0, int(raw or 0)))
+    except (redis.RedisError, OSError, asyncio.TimeoutError):
+        with contextlib.suppress(KeyError):  # no stale figure for an autoscaler to act on
+            gw.metrics.backlog.remove(queue)
     return Response(generate_latest(gw.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
 

@@ -14,7 +14,7 @@ import time
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from starlette.exceptions import HTTPException
 
 from producer.settings import Settings
@@ -62,6 +62,11 @@ class GatewayMetrics:
         )
         self.webhooks = Counter("batchery_webhook_deliveries", "Webhook delivery attempts",
                                 ["outcome"], registry=self.registry)  # fmt: skip
+        # Read from Redis at scrape time; also exported by workers, but a deployment scaled
+        # to zero workers still needs a source to scale up from.
+        self.backlog = Gauge("batchery_backlog_jobs", "Jobs pushed and not answered yet: "
+                             "waiting, buffered in workers, running", ["queue"],
+                             registry=self.registry)  # fmt: skip
 
 
 def route_label(path: str) -> str:

@@ -31,7 +31,9 @@ from producer.wire import (
     PRIORITIES,
     UNACKED_KEY,
     Message,
+    backlog_key,
     ledger_due_key,
+    ledger_jobs_key,
     ledger_key,
     ledger_lock_key,
     queue_key,
@@ -40,43 +42,57 @@ from producer.wire import (
 #: How many of the oldest queued messages the sweep compares an overdue entry with.
 SCAN = 1000
 
-# KEYS: ledger, due, then the queue's lists (one a priority). ARGV: limit (0: none), due
-# time, now, the number of messages, then per message: the index of its list in KEYS, id,
-# tag, raw; then, if any jobs carry records, the record key prefix, their ttl, and a job id
-# and record per job. An entry is "<tag> <pushed at> <list index> <raw>". The records are
-# written first: a worker that answers a job finds its record. Returns the number of
-# messages pushed, or -1 (nothing written) if that would pass the limit (messages waiting,
-# all priorities together).
+# KEYS: ledger, due, the queue's lists (one a priority), the jobs hash, the backlog counter.
+# ARGV: limit (0: none), due time, now, the number of messages, then per message: the index of
+# its list in KEYS, id, tag, job count, raw; then, if any jobs carry records, the record key
+# prefix, their ttl, and a job id and record per job. An entry is "<tag> <pushed at> <list
+# index> <raw>". The records are written first: a worker that answers a job finds its record.
+# A message new to the ledger adds its jobs to the backlog (a push sent again after a lost
+# reply adds nothing). Returns the number of messages pushed, or -1 (nothing written) if that
+# would pass the limit (messages waiting, all priorities together).
 _PUSH = """
 local n = tonumber(ARGV[4])
 local limit = tonumber(ARGV[1])
+local jobs, backlog = KEYS[#KEYS - 1], KEYS[#KEYS]
 if limit > 0 then
   local waiting = 0
-  for k = 3, #KEYS do waiting = waiting + redis.call('LLEN', KEYS[k]) end
+  for k = 3, #KEYS - 2 do waiting = waiting + redis.call('LLEN', KEYS[k]) end
   if waiting + n > limit then return -1 end
 end
-local last = 4 + 4 * n
+local last = 4 + 5 * n
 if #ARGV > last then
   local prefix, ttl = ARGV[last + 1], tonumber(ARGV[last + 2])
   for i = last + 3, #ARGV, 2 do
     redis.call('SET', prefix .. ARGV[i], ARGV[i + 1], 'EX', ttl)
   end
 end
-for i = 5, last, 4 do
-  redis.call('LPUSH', KEYS[tonumber(ARGV[i])], ARGV[i + 3])
+for i = 5, last, 5 do
+  redis.call('LPUSH', KEYS[tonumber(ARGV[i])], ARGV[i + 4])
   redis.call('HSET', KEYS[1], ARGV[i + 1],
-             ARGV[i + 2] .. ' ' .. ARGV[3] .. ' ' .. ARGV[i] .. ' ' .. ARGV[i + 3])
+             ARGV[i + 2] .. ' ' .. ARGV[3] .. ' ' .. ARGV[i] .. ' ' .. ARGV[i + 4])
   redis.call('ZADD', KEYS[2], ARGV[2], ARGV[i + 1])
+  if redis.call('HSETNX', jobs, ARGV[i + 1], ARGV[i + 3]) == 1 then
+    redis.call('INCRBY', backlog, tonumber(ARGV[i + 3]))
+  end
 end
 return n
 """
 
-# KEYS: ledger, due, kombu's unacked hash, lock, then the queue's lists as in _PUSH. ARGV:
+# KEYS: ledger, due, kombu's unacked hash, lock, the queue's lists as in _PUSH, the jobs hash,
+# the backlog counter. ARGV:
 # now, next check time, most to look at, oldest entry kept, lock time in ms, how many queued
 # messages to scan. Returns how many lost messages were pushed again (-1: another process
 # is sweeping).
 _SWEEP = """
 if not redis.call('SET', KEYS[4], '1', 'NX', 'PX', tonumber(ARGV[5])) then return -1 end
+local jobs, backlog = KEYS[#KEYS - 1], KEYS[#KEYS]
+local function forget(id)
+  local count = redis.call('HGET', jobs, id)
+  if count then
+    redis.call('HDEL', jobs, id)
+    if redis.call('DECRBY', backlog, tonumber(count)) < 0 then redis.call('SET', backlog, 0) end
+  end
+end
 local resent = 0
 local scan = tonumber(ARGV[6])
 local ids = redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', ARGV[1], 'LIMIT', 0, tonumber(ARGV[3]))
@@ -89,9 +105,11 @@ for _, id in ipairs(ids) do
   if not list then
     redis.call('ZREM', KEYS[2], id)
     if entry then redis.call('HDEL', KEYS[1], id) end
+    forget(id)
   elseif tonumber(string.sub(entry, a + 1, b - 1)) < tonumber(ARGV[4]) then
     redis.call('ZREM', KEYS[2], id)
     redis.call('HDEL', KEYS[1], id)
+    forget(id)
   else
     local tag, raw = string.sub(entry, 1, a - 1), string.sub(entry, c + 1)
     if redis.call('HEXISTS', KEYS[3], tag) == 0
@@ -121,13 +139,14 @@ def push_command(
     args: list[Any] = [limit, now + check_after_s, f"{now:.3f}", len(messages)]
     index = {priority: i + 3 for i, priority in enumerate(PRIORITIES)}  # KEYS are 1-based
     for message in messages:
-        args += [index[message.priority], message.id, message.tag, message.raw]
+        args += [index[message.priority], message.id, message.tag, message.jobs, message.raw]
     if records:
         args += [JOB_KEY_PREFIX, ttl_s]
         for job_id, record in records.items():
             args += [job_id, record]
     lists = [queue_key(queue, priority) for priority in PRIORITIES]
-    return [ledger_key(queue), ledger_due_key(queue), *lists], args
+    counted = [ledger_jobs_key(queue), backlog_key(queue)]
+    return [ledger_key(queue), ledger_due_key(queue), *lists, *counted], args
 
 
 class Ledger:
@@ -173,7 +192,8 @@ class Ledger:
         Runs in one process at a time (for ``every_s``); 0 when another process swept.
         """
         now = time.time()
-        keys = [*self.keys, UNACKED_KEY, ledger_lock_key(self.queue), *self.lists]
+        keys = [*self.keys, UNACKED_KEY, ledger_lock_key(self.queue), *self.lists,
+                ledger_jobs_key(self.queue), backlog_key(self.queue)]  # fmt: skip
         args = [now, now + check_after_s, most, now - expire_s, int(every_s * 1000), SCAN]
         return max(0, int(self._sweep(keys=keys, args=args)))
 
@@ -185,7 +205,32 @@ class Ledger:
 
 
 def settle(pipe: Any, queue: str, message_ids: Sequence[str]) -> None:
-    """Strike answered messages off ``queue``'s ledger (added to a pipeline the caller runs)."""
+    """Strike answered messages off ``queue``'s ledger, and their jobs off its backlog (added
+    to a pipeline the caller runs)."""
     if message_ids:
-        pipe.hdel(ledger_key(queue), *message_ids)
-        pipe.zrem(ledger_due_key(queue), *message_ids)
+        keys = [ledger_key(queue), ledger_due_key(queue), ledger_jobs_key(queue),
+                backlog_key(queue)]  # fmt: skip
+        pipe.eval(_SETTLE, len(keys), *keys, *message_ids)
+
+
+def backlog(client: redis.Redis, queue: str) -> int:
+    """Jobs pushed on ``queue`` through the ledger and not answered yet (see
+    :func:`producer.wire.backlog_key`)."""
+    return max(0, int(client.get(backlog_key(queue)) or 0))
+
+
+# KEYS: ledger, due, jobs hash, backlog counter. ARGV: message ids.
+_SETTLE = """
+local gone = 0
+for _, id in ipairs(ARGV) do
+  redis.call('HDEL', KEYS[1], id)
+  redis.call('ZREM', KEYS[2], id)
+  local count = redis.call('HGET', KEYS[3], id)
+  if count then
+    redis.call('HDEL', KEYS[3], id)
+    gone = gone + tonumber(count)
+  end
+end
+if gone > 0 and redis.call('DECRBY', KEYS[4], gone) < 0 then redis.call('SET', KEYS[4], 0) end
+return gone
+"""

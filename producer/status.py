@@ -16,6 +16,7 @@ from producer.wire import (
     STATS_KEY,
     UNACKED_KEY,
     WEBHOOK_STREAM,
+    backlog_key,
     queue_key,
 )
 
@@ -39,7 +40,8 @@ def collect(client: Client) -> dict[str, Any]:
         pipe.hgetall(STATS_KEY)
         pipe.llen(DEAD_LETTER_KEY)
         pipe.xlen(WEBHOOK_STREAM)
-        *depths, in_flight, stats, dead, hooks = pipe.execute()
+        pipe.get(backlog_key(client.settings.queue))
+        *depths, in_flight, stats, dead, hooks, backlog = pipe.execute()
     stats = {k.decode(): v.decode() for k, v in stats.items()}
     by_priority = dict(zip(PRIORITIES, (int(d) for d in depths), strict=True))
     return {
@@ -48,6 +50,7 @@ def collect(client: Client) -> dict[str, Any]:
         "queue_depth": sum(by_priority.values()),
         "queue_depth_by_priority": by_priority,
         "in_flight": in_flight,
+        "backlog_jobs": max(0, int(backlog or 0)),
         "workers_alive": len(workers),
         "workers": workers,
         "done": int(stats.get("done", 0)),
@@ -72,6 +75,8 @@ def render(status: dict[str, Any]) -> str:
         f"queue          {status['queue']}: {status['queue_depth']} messages waiting ("
         + ", ".join(f"{p} {n}" for p, n in status["queue_depth_by_priority"].items())
         + f"), {status['in_flight']} in flight",
+        f"backlog        {status['backlog_jobs']} jobs not answered yet (waiting, buffered, "
+        "running)",
         f"workers alive  {status['workers_alive']}"
         + (f" ({', '.join(status['workers'])})" if status["workers"] else ""),
         f"jobs           {status['done']} done, {status['failed']} failed, "

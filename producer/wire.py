@@ -55,6 +55,17 @@ def ledger_due_key(queue: str) -> str:
     return f"batchery:ledger:{queue}:due"
 
 
+def ledger_jobs_key(queue: str) -> str:
+    """Message id -> how many jobs it carries, for ``queue``'s ledger (see :func:`backlog_key`)."""
+    return f"batchery:ledger:{queue}:jobs"
+
+
+def backlog_key(queue: str) -> str:
+    """Jobs pushed on ``queue`` and not answered yet, wherever they are: waiting in Redis,
+    buffered in a worker, running. Kept by the ledger's scripts; the autoscaling signal."""
+    return f"batchery:backlog:{queue}"
+
+
 def ledger_lock_key(queue: str) -> str:
     """Held for a moment by the one worker process sweeping ``queue``'s ledger."""
     return f"batchery:ledger:{queue}:sweeping"
@@ -526,12 +537,14 @@ _ORIGIN = f"{os.getpid()}@{socket.gethostname()}"
 
 
 class Message(NamedTuple):
-    """An encoded message: its Celery task id, kombu delivery tag, raw envelope, priority."""
+    """An encoded message: its Celery task id, kombu delivery tag, raw envelope, priority, and
+    how many jobs it carries."""
 
     id: str
     tag: str
     raw: str
     priority: str = "normal"
+    jobs: int = 1
 
 
 def encode_message(jobs: list[Job], queue: str, message_id: str | None = None) -> str:
@@ -621,7 +634,7 @@ def _build_message(
             "delivery_tag": tag,
         },
     }
-    return Message(task_id, tag, json.dumps(envelope), jobs[0].priority)
+    return Message(task_id, tag, json.dumps(envelope), jobs[0].priority, len(jobs))
 
 
 @dataclass(frozen=True)

@@ -31,6 +31,7 @@ from producer.wire import (
     PRIORITIES,
     TASK_CLASSIFY,
     UNACKED_KEY,
+    backlog_key,
     deaths_key,
     heartbeat_key,
     queue_key,
@@ -255,13 +256,14 @@ def run_worker(settings: Settings, loglevel: str = "INFO") -> None:
     if settings.metrics_port is not None:
         queue_reader = redis_client(settings)
 
-        def read_queue() -> tuple[int, int]:
+        def read_queue() -> tuple[int, int, int]:
             with queue_reader.pipeline(transaction=False) as pipe:
                 for priority in PRIORITIES:
                     pipe.llen(queue_key(settings.queue, priority))
                 pipe.hlen(UNACKED_KEY)
-                *depths, in_flight = pipe.execute()
-            return sum(int(d) for d in depths), int(in_flight)
+                pipe.get(backlog_key(settings.queue))
+                *depths, in_flight, backlog = pipe.execute()
+            return sum(int(d) for d in depths), int(in_flight), max(0, int(backlog or 0))
 
         metrics.serve(settings, read_queue)
         atexit.register(metrics.clean_up)

@@ -12,7 +12,9 @@ forward pass), ``batchery_inference_seconds`` (one forward pass),
 ``batchery_queue_wait_seconds`` (submit to the start of the job's batch),
 ``batchery_end_to_end_seconds`` (submit to result stored),
 ``batchery_model_loads_total{model,version}``, ``batchery_queue_depth`` and
-``batchery_in_flight`` (messages waiting, and taken but not yet acknowledged).
+``batchery_in_flight`` (messages waiting, and taken but not yet acknowledged), and
+``batchery_backlog_jobs{queue}``: jobs pushed and not answered yet across the deployment
+(waiting, buffered in workers, running), the signal to scale workers on (deploy/k8s).
 """
 
 from __future__ import annotations
@@ -41,6 +43,7 @@ EXPORTED = (
     "batchery_model_loads_total",
     "batchery_queue_depth",
     "batchery_in_flight",
+    "batchery_backlog_jobs",
 )
 
 _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30,
@@ -116,18 +119,18 @@ def prepare(settings: Settings) -> None:
         raise RuntimeError("prometheus_client was imported before metrics were prepared")
 
 
-def serve(settings: Settings, read_queue: Callable[[], tuple[int, int]]) -> None:
+def serve(settings: Settings, read_queue: Callable[[], tuple[int, int, int]]) -> None:
     """Serve the sum of every process's samples, and the queue, on BATCHERY_METRICS_PORT."""
     from prometheus_client import CollectorRegistry, start_http_server
     from prometheus_client.core import GaugeMetricFamily
     from prometheus_client.multiprocess import MultiProcessCollector
 
     class QueueCollector:
-        """Queue depth and messages in flight, read from Redis at scrape time."""
+        """Queue depth, messages in flight and the backlog, read from Redis at scrape time."""
 
         def collect(self) -> Iterator[Any]:
             try:
-                depth, in_flight = read_queue()
+                depth, in_flight, backlog = read_queue()
             except Exception as exc:  # a scrape must not fail because Redis is away
                 log.warning("queue depth not read for metrics: %s", exc)
                 return
@@ -135,6 +138,7 @@ def serve(settings: Settings, read_queue: Callable[[], tuple[int, int]]) -> None
             yield GaugeMetricFamily(
                 "batchery_in_flight", "Messages taken, not yet acknowledged", value=in_flight
             )
+            yield backlog_gauge(settings.queue, backlog)
 
     registry = CollectorRegistry()
     MultiProcessCollector(registry)
@@ -142,6 +146,19 @@ def serve(settings: Settings, read_queue: Callable[[], tuple[int, int]]) -> None
     assert settings.metrics_port is not None
     start_http_server(settings.metrics_port, registry=registry)
     log.info("metrics on :%d/metrics", settings.metrics_port)
+
+
+def backlog_gauge(queue: str, jobs: int) -> Any:
+    """``batchery_backlog_jobs{queue}``, as workers and gateways export it."""
+    from prometheus_client.core import GaugeMetricFamily
+
+    gauge = GaugeMetricFamily(
+        "batchery_backlog_jobs",
+        "Jobs pushed and not answered yet: waiting, buffered in workers, running",
+        labels=["queue"],
+    )
+    gauge.add_metric([queue], jobs)
+    return gauge
 
 
 def clean_up() -> None:

@@ -382,3 +382,16 @@ def test_no_keys_and_a_public_address_is_refused_at_start() -> None:
     )  # fmt: skip
     assert done.returncode == 1
     assert "without API keys" in done.stderr and "BATCHERY_API_KEYS" in done.stderr
+
+
+def test_the_gateway_exports_the_backlog_with_no_worker_running() -> None:
+    # Workers scaled to zero export nothing: the gateway is the signal to scale up from.
+    with RedisServer() as server, GatewayProcess(server.url) as proc:
+        files = [("images", (p.name, p.read_bytes(), "image/png")) for p in digit_paths(5)]
+        assert httpx.post(f"{proc.url}/v1/jobs", files=files).status_code == 202
+        assert queued(server) == 1  # one message, five jobs
+        metrics = httpx.get(f"{proc.url}/metrics").text
+        assert 'batchery_backlog_jobs{queue="batchery"} 5.0' in metrics
+        server.stop()
+        metrics = httpx.get(f"{proc.url}/metrics", timeout=10).text
+        assert "batchery_backlog_jobs{" not in metrics  # no stale figure once Redis is gone

@@ -103,9 +103,33 @@ def test_metrics_add_up_to_the_jobs_sent(ops: OpsWorker) -> None:
     assert total(delta, "batchery_end_to_end_seconds_count") == 60
     assert total(after, "batchery_model_loads_total", **labels) == 2  # one per pool process
     assert total(after, "batchery_queue_depth") == 0 and ("batchery_in_flight", ()) in after
+    assert after[("batchery_backlog_jobs", (("queue", "batchery"),))] == 0  # all answered
     print(f"\nmetrics: 60 jobs in {passes:.0f} forward passes, "
           f"{total(delta, 'batchery_end_to_end_seconds_sum') / 60 * 1000:.1f} ms mean "
           "end to end")  # fmt: skip
+
+
+def test_the_backlog_counts_every_job_not_answered_where_queue_depth_cannot(
+    ops: OpsWorker,
+) -> None:
+    """``batchery_backlog_jobs`` is the jobs not answered yet, wherever they are: read between
+    two counts of unanswered jobs, it lies between them, while the queue shows far fewer."""
+    backlog = ("batchery_backlog_jobs", (("queue", "batchery"),))
+    with Client(ops.url) as client:
+        ids = client.submit_many(digit_paths() * 2)  # 1,000 jobs in messages of 256
+        samples, fewer = 0, False
+        while True:
+            before = sum(r["status"] == "PENDING" for r in client.results(ids))
+            scraped = ops.scrape()
+            after = sum(r["status"] == "PENDING" for r in client.results(ids))
+            assert after <= scraped[backlog] <= before
+            queued_jobs = 256 * scraped[("batchery_queue_depth", ())]
+            fewer = fewer or queued_jobs < after  # messages buffered or running
+            samples += 1
+            if not after:
+                break
+        assert fewer, "the queue never showed fewer jobs than were waiting"
+    print(f"\nbacklog: {samples} samples, each between the unanswered counts around it")
 
 
 def test_the_dashboard_queries_only_metrics_the_worker_exports(ops: OpsWorker) -> None:

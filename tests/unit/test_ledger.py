@@ -6,7 +6,15 @@ import fakeredis
 
 from producer import ledger
 from producer.ledger import Ledger
-from producer.wire import UNACKED_KEY, Job, build_message, ledger_due_key, ledger_key
+from producer.wire import (
+    UNACKED_KEY,
+    Job,
+    backlog_key,
+    build_message,
+    ledger_due_key,
+    ledger_jobs_key,
+    ledger_key,
+)
 
 
 def messages(n: int, queue: str = "q") -> list:
@@ -111,3 +119,41 @@ def test_a_deep_queue_is_never_scanned_whole(monkeypatch) -> None:
     r.zadd(ledger_due_key("q"), {lost.id: 0})
     r.delete("batchery:ledger:q:sweeping")
     assert Ledger(r, "q").sweep(60, 3600, every_s=0.001) == 1
+
+
+def carrying(*counts: int, queue: str = "q") -> list:
+    """One message per count, each carrying that many jobs."""
+    return [build_message([Job(f"m{m}-{i}", b"img") for i in range(n)], queue)
+            for m, n in enumerate(counts)]  # fmt: skip
+
+
+def test_the_backlog_counts_jobs_not_messages_until_they_are_answered() -> None:
+    r = fakeredis.FakeRedis()
+    book = Ledger(r, "q")
+    big, one, mid = carrying(256, 1, 40)
+    book.push([big, one, mid], check_after_s=60)
+    assert ledger.backlog(r, "q") == 297
+    # A push sent again (its reply lost with a connection) adds nothing.
+    book.push([one], check_after_s=60)
+    assert ledger.backlog(r, "q") == 297
+    # Taken by a worker (buffered, running): still backlog until the answers are stored.
+    r.delete("q")
+    assert ledger.backlog(r, "q") == 297
+    with r.pipeline() as pipe:
+        ledger.settle(pipe, "q", [big.id, "not-a-message"])
+        pipe.execute()
+    assert ledger.backlog(r, "q") == 41
+    book.strike([mid.id, mid.id])  # a refused message, struck twice, counts once
+    assert ledger.backlog(r, "q") == 1
+
+
+def test_entries_the_sweep_drops_leave_the_backlog_and_it_never_goes_negative() -> None:
+    r = fakeredis.FakeRedis()
+    book = Ledger(r, "q")
+    sent = carrying(3, 2)
+    book.push(sent, check_after_s=-1)
+    r.set(backlog_key("q"), 1)  # counted by an older version, say
+    r.delete("q")
+    assert book.sweep(check_after_s=60, expire_s=-10, every_s=0.001) == 0  # all too old
+    assert ledger.backlog(r, "q") == 0 and int(r.get(backlog_key("q"))) == 0
+    assert r.hlen(ledger_key("q")) == 0 and r.hlen(ledger_jobs_key("q")) == 0

@@ -117,13 +117,15 @@ def test_status_reads_depth_flight_workers_counts_and_dead_letters(fake_redis) -
     assert status == {
         "redis": "redis://:***@h:6379/0", "queue": "batchery", "queue_depth": 1,
         "queue_depth_by_priority": {"high": 0, "normal": 1, "low": 0},
-        "in_flight": 1, "workers_alive": 1, "workers": ["host:1"], "done": 5, "failed": 1,
+        "in_flight": 1, "backlog_jobs": 3, "workers_alive": 1, "workers": ["host:1"],
+        "done": 5, "failed": 1,
         "batches": 2, "cancelled": 6, "expired": 7, "computed_twice": 3, "cancelled_late": 8,
         "refused": 4, "dead_letters": 1, "webhooks_pending": 1, "webhooks_delivered": 9,
         "webhooks_failed": 2,
     }  # fmt: skip
     shown = render(status)
     assert "1 messages waiting (high 0, normal 1, low 0), 1 in flight" in shown
+    assert "3 jobs not answered yet" in shown  # three jobs in one message
     assert "5 done, 1 failed, 6 cancelled, 7 expired, in 2 batches" in shown
     assert "3 computed twice (answered once), 8 computed after being cancelled" in shown
     assert "4 refused without an id" in shown and "pw" not in shown
