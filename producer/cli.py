@@ -231,6 +231,11 @@ def _parser() -> argparse.ArgumentParser:
         help="instead: bulk on N camera-sized JPEGs (4000x3000) with MobileNetV2, every way",
     )  # fmt: skip
     p.add_argument(
+        "--capacity", action="store_true",
+        help="instead: jobs/s per worker core, Redis commands, bytes and CPU per job, and the "
+        "cost of replica acks (the README's capacity table)",
+    )  # fmt: skip
+    p.add_argument(
         "--chart",
         type=Path,
         default=Path("bench-results.png"),
@@ -501,6 +506,11 @@ def _bench(args: argparse.Namespace, settings: Settings) -> int:
     from bench.run import run_bench
 
     workers = args.workers or os.cpu_count() or 1
+    if args.capacity:
+        from bench.capacity import run_capacity
+
+        run_capacity(args.images or 20000)
+        return 0
     if args.photos:
         from bench.run import run_photo_bench
 

@@ -23,6 +23,7 @@ from bench.run import (
     worker_peak_rss,
 )
 from producer.client import Client
+from producer.local import RedisServer
 from producer.registry import Registry
 from producer.settings import Settings
 
@@ -96,3 +97,22 @@ def test_the_optimised_rows_use_a_private_registry(tmp_path, images) -> None:
     row = run_limit(images, fast, 64, threads=1)
     assert row.name.startswith("(e') the limit, dynamic-int8 LiteRT") and row.rate > 0
     assert shipped.versions("mnist-cnn") == before  # nothing published into the repo's
+
+
+def test_the_capacity_figures_are_measured_not_assumed(redis_server, client: Client,
+                                                       images) -> None:  # fmt: skip
+    from bench.capacity import RedisCost, drain_rate, redis_cost, table
+
+    costs: list[RedisCost] = []
+    with redis_cost(redis_server.url, 64, costs):
+        run_online(client, images[:64], 8)
+    [cost] = costs
+    # Each job: at least its push, its pop, its result write and its read; its image in, its
+    # result out; some Redis CPU.
+    assert 4 < cost.commands < 100
+    assert cost.bytes_in > 300 and cost.bytes_out > 100 and cost.cpu_ms > 0
+    with RedisServer() as empty:  # no other worker takes from its queue
+        rate = drain_rate(empty.url, {}, images * 25, 256, cores=1, batch=64)
+    assert rate > 0
+    text = table([], None, 1)
+    assert "jobs/s per worker core" in text

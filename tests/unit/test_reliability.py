@@ -130,3 +130,15 @@ def test_status_reads_depth_flight_workers_counts_and_dead_letters(fake_redis) -
     assert "3 computed twice (answered once), 8 computed after being cancelled" in shown
     assert "4 refused without an id" in shown and "pw" not in shown
     assert "1 to deliver, 9 delivered, 2 given up" in shown
+
+
+def test_capacity_arithmetic_for_a_target_rate() -> None:
+    from bench.capacity import RedisCost, capacity
+
+    # 20 µs of Redis CPU a job: one core carries 50,000 jobs/s, planned at half that.
+    cost = RedisCost(jobs=1000, commands=12, bytes_in=600, bytes_out=400, cpu_ms=0.02)
+    plan = capacity(100_000, per_core=1_000, cost=cost)
+    assert plan["worker_cores"] == 100
+    assert plan["jobs_per_redis"] == 25_000 and plan["redis_instances"] == 4
+    assert plan["workers_per_redis"] == 25
+    assert plan["mbit_in"] == 480 and plan["mbit_out"] == 320
