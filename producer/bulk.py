@@ -340,7 +340,7 @@ def classify(
                 pause = 0.0005  # answers are flowing: look again at once
             else:
                 time.sleep(pause)
-                pause = 0.0005 if found else min(pause * 2, 0.01)
+                pause = 0.0005 if found else min(pause * 2, 0.05)
         if collected and not keep_results:
             client.fetch([], forget=collected)
     except KeyboardInterrupt:

@@ -160,6 +160,7 @@ class Ledger:
         self.keys = (ledger_key(queue), ledger_due_key(queue))
         self._push = client.register_script(_PUSH)
         self._sweep = client.register_script(_SWEEP)
+        self._loaded = False
 
     def push(
         self, messages: Sequence[Message], check_after_s: float, limit: int = 0,
@@ -173,6 +174,12 @@ class Ledger:
         the push (:class:`~producer.errors.ReplicaAckError` if they don't in time).
         """
         keys, args = push_command(self.queue, messages, check_after_s, limit, records, ttl_s)
+        if not self._loaded:
+            # Loaded first, by itself: a script unknown to Redis is refused (NOSCRIPT) and
+            # redis-py then sends the whole call again, so a new producer's first push (a
+            # `batchery submit`, a `classify` window: megabytes of images) crossed twice.
+            self.client.script_load(_PUSH)
+            self._loaded = True
         if not self.acks.replicas:
             return int(self._push(keys=keys, args=args))
         with self.client.pipeline(transaction=False) as pipe:
