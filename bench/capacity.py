@@ -22,6 +22,7 @@ from __future__ import annotations
 import math
 import os
 import shutil
+import statistics
 import tempfile
 import time
 from collections.abc import Callable, Iterator
@@ -153,36 +154,36 @@ def answered(client: Client, job: str) -> Callable[[], bool]:
 
 @dataclass
 class AckCost:
-    """Online and bulk with replica acks off and on."""
+    """Online and bulk runs with replica acks off and on, alternated, each ``rounds`` times."""
 
-    online: dict[int, Any]
-    bulk: dict[int, float]
+    online: dict[int, list[Any]]
+    bulk: dict[int, list[float]]
 
 
-def measure_replica_acks(images: int, cores: int, workdir: Path,
-                         out: Callable[[str], None]) -> AckCost:  # fmt: skip
+def measure_replica_acks(images: int, cores: int, workdir: Path, out: Callable[[str], None],
+                         rounds: int = 3) -> AckCost:  # fmt: skip
     """The reference model's online and bulk runs against a primary with one replica, with
-    BATCHERY_REPLICA_ACKS 0 and 1."""
+    BATCHERY_REPLICA_ACKS 0 and 1 in turn (0, 1, 0, 1, ...: this host's drift and noise fall
+    on both alike)."""
     folder = workdir / "acks"
     paths = make_images(folder, images, "reference")
     registry, info, _ = model_folder("reference", workdir)
-    online: dict[int, Any] = {}
-    bulk: dict[int, float] = {}
+    online: dict[int, list[Any]] = {0: [], 1: []}
+    bulk: dict[int, list[float]] = {0: [], 1: []}
     with RedisServer() as primary, RedisServer(args=("--replicaof", "127.0.0.1",
                                                      str(primary.port))):  # fmt: skip
-        for acks in (0, 1):
-            env = {**os.environ, "BATCHERY_MODEL_DIR": str(registry.root),
-                   "BATCHERY_DEFAULT_MODEL": info.name,
-                   "BATCHERY_REPLICA_ACKS": str(acks)}  # fmt: skip
-            settings = replace(Settings.from_env(env), redis_url=primary.url)
-            with WorkerProcess(primary.url, "--concurrency", str(cores), "--batch-size", "64",
-                               env=env), Client(settings=settings) as client:  # fmt: skip
-                wait_ready(answered(client, client.submit(paths[0])), "batchery worker")
-                out(f"replica acks {acks}: online ...")
-                online[acks] = run_online(client, paths[:6400], 64)
-                out(f"replica acks {acks}: bulk ...")
-                row, _ = run_bulk(primary.url, folder, len(paths), env)
-                bulk[acks] = row.rate
+        for _ in range(rounds):
+            for acks in (0, 1):
+                env = {**os.environ, "BATCHERY_MODEL_DIR": str(registry.root),
+                       "BATCHERY_DEFAULT_MODEL": info.name,
+                       "BATCHERY_REPLICA_ACKS": str(acks)}  # fmt: skip
+                settings = replace(Settings.from_env(env), redis_url=primary.url)
+                with WorkerProcess(primary.url, "--concurrency", str(cores), "--batch-size",
+                                   "64", env=env), Client(settings=settings) as client:  # fmt: skip
+                    wait_ready(answered(client, client.submit(paths[0])), "batchery worker")
+                    out(f"replica acks {acks}: online, bulk ...")
+                    online[acks].append(run_online(client, paths[:6400], 64))
+                    bulk[acks].append(run_bulk(primary.url, folder, len(paths), env)[0].rate)
     return AckCost(online, bulk)
 
 
@@ -221,11 +222,18 @@ def table(models: list[ModelCapacity], acks: AckCost | None, cores: int) -> str:
         lines += ["", "| BATCHERY_REPLICA_ACKS | online img/s | online p50 / p99 | bulk img/s |",
                   "|---|---:|---:|---:|"]  # fmt: skip
         for n in (0, 1):
-            row = acks.online[n]
-            p50, p99 = row.percentile(50) or 0, row.percentile(99) or 0
-            lines.append(f"| {n} | {row.rate:,.0f} | {p50:.1f} / {p99:.1f} ms | "
-                         f"{acks.bulk[n]:,.0f} |")  # fmt: skip
+            rows = acks.online[n]
+            rates = [row.rate for row in rows]
+            p50 = statistics.median(row.percentile(50) or 0 for row in rows)
+            p99 = statistics.median(row.percentile(99) or 0 for row in rows)
+            lines.append(f"| {n} | {_spread(rates)} | {p50:.1f} / {p99:.1f} ms | "
+                         f"{_spread(acks.bulk[n])} |")  # fmt: skip
+        lines.append(f"(median of {len(acks.bulk[0])} alternated runs each, range in brackets)")
     return "\n".join(lines)
+
+
+def _spread(values: list[float]) -> str:
+    return f"{statistics.median(values):,.0f} ({min(values):,.0f} to {max(values):,.0f})"
 
 
 def run_capacity(images: int, out: Callable[[str], None] = print,

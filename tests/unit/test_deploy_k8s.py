@@ -109,3 +109,12 @@ def test_containers_run_commands_and_settings_batchery_has() -> None:
 def test_the_manifests_say_they_were_not_run_on_a_cluster() -> None:
     for path in K8S.glob("*.yaml"):
         assert re.search(r"not run on\s+(#\s*)?a\s+(#\s*)?cluster here", path.read_text()), path
+
+
+def test_the_readme_and_docs_show_the_trigger_as_deployed() -> None:
+    [scaled] = of_kind("ScaledObject")
+    meta = scaled["spec"]["triggers"][0]["metadata"]
+    for page in (ROOT / "README.md", ROOT / "docs" / "scaling.md"):
+        text = page.read_text()
+        assert f"query: {meta['query']}" in text, page
+        assert f'threshold: "{meta["threshold"]}"' in text, page
