@@ -5,18 +5,23 @@ password, on 127.0.0.1. A worker and a producer reach Redis only through the sen
 BATCHERY_REPLICA_ACKS=1 every push and every batch's result write waits until a replica holds
 it, so the promoted replica has every job a producer was told was enqueued and every answer a
 worker acknowledged: a run of 5,000 jobs through the kill loses none, and the same producer,
-worker and client carry on without a restart.
+worker, gateway and client carry on without a restart.
 """
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
 import threading
 import time
 
+import httpx
 import pytest
 
 from producer.client import Client
-from producer.local import SentinelSet, WorkerProcess
+from producer.local import GatewayProcess, SentinelSet, WorkerProcess
 from producer.settings import Settings
 from producer.wire import STATS_KEY
 from tests.factories import digit_paths, label_of, wait_until_serving
@@ -39,7 +44,8 @@ def test_sigkill_of_the_primary_mid_run_loses_no_job() -> None:
                "BATCHERY_VISIBILITY_TIMEOUT": str(VISIBILITY_S)}  # fmt: skip
         settings = Settings.from_env(env)
         worker = WorkerProcess(cluster.url, "--concurrency", "2", "--batch-size", "16", env=env)
-        with worker, Client(settings=settings) as client:
+        gateway = GatewayProcess(cluster.url, env=env)
+        with worker, gateway, Client(settings=settings) as client:
             wait_until_serving(client, worker)
             assert worker.process is not None
             client.redis.hset(STATS_KEY, "done", 0)
@@ -89,3 +95,13 @@ def test_sigkill_of_the_primary_mid_run_loses_no_job() -> None:
             assert recovered_s < RECOVERY_BOUND_S
             # The same worker process carried on: it followed the promoted replica itself.
             assert worker.process.poll() is None
+            # So did the gateway, started before the kill, and the CLI finds the new primary.
+            answer = httpx.post(f"{gateway.url}/v1/jobs", params={"wait": 30},
+                                content=images[0].read_bytes(),
+                                headers={"Content-Type": "image/png"}, timeout=60)  # fmt: skip
+            assert answer.status_code == 200, answer.text
+            assert answer.json()["jobs"][0]["result"]["label"] == labels[0]
+            status = subprocess.run([sys.executable, "-m", "producer.cli", "status", "--json"],
+                                    env={**os.environ, **env}, capture_output=True, text=True,
+                                    timeout=60, check=True)  # fmt: skip
+            assert json.loads(status.stdout)["done"] == JOBS + 1
