@@ -161,3 +161,19 @@ def test_replica_acks_raise_when_too_few_replicas_confirm() -> None:
     with pytest.raises(ReplicaAckError, match="1 of the 2 replicas"):
         acks.check([1, 1], "a push")
     ReplicaAcks(0, 0.5).check([], "nothing asked")
+
+
+def test_the_scaling_docs_routing_by_model_builds_one_client_per_shard() -> None:
+    import re
+
+    text = (Path(__file__).resolve().parents[2] / "docs" / "scaling.md").read_text()
+    match = re.search(r"```python\n(from dataclasses.*?)job_id =", text, re.S)
+    assert match, "the routing example is gone from docs/scaling.md"
+    scope: dict = {}
+    exec(match.group(1), scope)  # the docs' own code, up to its first call to Redis
+    pools = {model: c.redis.connection_pool for model, c in scope["clients"].items()}
+    assert {m: p.service_name for m, p in pools.items()} == {"mnist-cnn": "digits",
+                                                             "mobilenet": "photos"}  # fmt: skip
+    hosts = {m: [s.connection_pool.connection_kwargs["host"] for s in p.sentinel_manager.sentinels]
+             for m, p in pools.items()}  # fmt: skip
+    assert hosts == {"mnist-cnn": ["a1", "a2", "a3"], "mobilenet": ["b1", "b2", "b3"]}
