@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 import json
 import os
+import re
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -272,3 +273,40 @@ def test_signed_messages_only(
 def redis_server() -> Iterator[RedisServer]:
     with RedisServer() as server:
         yield server
+
+
+def compose_words(words: list[str], env: dict[str, str]) -> list[str]:
+    """Compose's interpolation of ``${VAR}``, ``${VAR:-default}`` and ``${VAR:?error}``."""
+
+    def one(match: re.Match[str]) -> str:
+        name, op, rest = match.group(1), match.group(2), match.group(3)
+        if env.get(name):
+            return env[name]
+        assert op != ":?", f"compose would refuse: {rest}"
+        return rest if op == ":-" else ""
+
+    return [re.sub(r"\$\{(\w+)(?:(:-|:\?)([^}]*))?\}", one, word) for word in words]
+
+
+def test_the_compose_redis_command_runs_as_written(tmp_path: Path) -> None:
+    # The compose stack can't start here (no Docker engine): its Redis command runs directly,
+    # word for word, on a free port (redis:7-alpine reads its arguments as this redis-server).
+    import redis
+    import yaml
+
+    service = yaml.safe_load((ROOT / "docker-compose.yml").read_text())["services"]["redis"]
+    password = "compose-redis-password-0123456789"
+    command = compose_words(service["command"], {"REDIS_PASSWORD": password})
+    assert command[0] == "redis-server"
+    port = free_port()
+    url = f"redis://batchery:{password}@127.0.0.1:{port}/0"
+    with RedisServer(port=port, args=tuple(command[1:]), workdir=tmp_path, ready_url=url):
+        r = redis.Redis.from_url(url)
+        assert r.set("k", "v") and r.get("k") == b"v"
+        assert list(tmp_path.glob("appendonlydir/*.aof")), "no append-only file"
+        with pytest.raises(redis.exceptions.NoPermissionError):
+            r.flushall()  # -@dangerous
+        with pytest.raises(redis.exceptions.NoPermissionError):
+            r.config_get("maxmemory-policy")
+        with pytest.raises(redis.exceptions.AuthenticationError):
+            redis.Redis(port=port).ping()  # the default user is off
