@@ -238,8 +238,11 @@ class WorkerProcess:
 class SentinelSet:
     """A Redis that fails over, on 127.0.0.1: a primary, replicas and sentinels watching it.
 
-    For tests and the bench. ``password`` guards Redis (primary and replicas),
-    ``sentinel_password`` the sentinels. A context manager that stops every process.
+    For tests and the bench. ``password`` guards Redis (primary and replicas), as the ACL user
+    ``username`` if given (the default user then off); ``sentinel_password`` the sentinels.
+    ``tls``: (CA, certificate, key) files; then every server and sentinel talks TLS only, to
+    each other too, and requires client certificates. A context manager that stops every
+    process.
     """
 
     replicas: int = 2
@@ -247,6 +250,8 @@ class SentinelSet:
     master: str = "batchery"
     password: str | None = None
     sentinel_password: str | None = None
+    username: str | None = None
+    tls: tuple[Path, Path, Path] | None = None
     down_after_ms: int = 1000
     servers: list[RedisServer] = field(default_factory=list)
     sentinel_ports: list[int] = field(default_factory=list)
@@ -255,8 +260,8 @@ class SentinelSet:
 
     @property
     def url(self) -> str:
-        """``sentinel://[:password@]127.0.0.1:<port>/0;...``: BATCHERY_REDIS_URL's form."""
-        login = f":{self.password}@" if self.password else ""
+        """``sentinel://[user:password@]127.0.0.1:<port>/0;...``: BATCHERY_REDIS_URL's form."""
+        login = f"{self.username or ''}:{self.password}@" if self.password else ""
         return ";".join(f"sentinel://{login}127.0.0.1:{port}/0" for port in self.sentinel_ports)
 
     def env(self) -> dict[str, str]:
@@ -264,22 +269,60 @@ class SentinelSet:
         env = {"BATCHERY_REDIS_URL": self.url, "BATCHERY_SENTINEL_MASTER": self.master}
         if self.sentinel_password:
             env["BATCHERY_SENTINEL_PASSWORD"] = self.sentinel_password
+        if self.tls:
+            ca, cert, key = self.tls
+            env.update(BATCHERY_SENTINEL_TLS="1", BATCHERY_REDIS_TLS_CA=str(ca),
+                       BATCHERY_REDIS_TLS_CERT=str(cert),
+                       BATCHERY_REDIS_TLS_KEY=str(key))  # fmt: skip
         return env
+
+    def _tls_options(self) -> dict[str, Any]:
+        if not self.tls:
+            return {}
+        ca, cert, key = self.tls
+        return {"ssl": True, "ssl_ca_certs": str(ca), "ssl_certfile": str(cert),
+                "ssl_keyfile": str(key)}  # fmt: skip
+
+    def _tls_lines(self, port: int) -> list[str]:
+        """Server settings for TLS on ``port`` only (none if no TLS)."""
+        if not self.tls:
+            return [f"port {port}"]
+        ca, cert, key = self.tls
+        return ["port 0", f"tls-port {port}", f"tls-cert-file {cert}", f"tls-key-file {key}",
+                f"tls-ca-cert-file {ca}", "tls-auth-clients yes",
+                "tls-replication yes"]  # fmt: skip
 
     def start(self, timeout: float = 30.0) -> SentinelSet:
         """Start the primary, its replicas, then the sentinels; wait until the sentinels
         know every replica and each other."""
         self.workdir = self.workdir or Path(tempfile.mkdtemp(prefix="batchery-sentinel-"))
         auth: tuple[str, ...] = ()
-        if self.password:
+        if self.password and self.username:
+            # One word an argument: redis-server quotes an argument holding a space.
+            auth = ("--user", "default", "off", "--user", self.username, "on",
+                    f">{self.password}", "~*", "&*", "+@all",
+                    "--masteruser", self.username, "--masterauth", self.password)  # fmt: skip
+        elif self.password:
             auth = ("--requirepass", self.password, "--masterauth", self.password)
-        ready = {"password": self.password} if self.password else {}
+        # The rediss:// URL says TLS; the options give the files.
+        ready: dict[str, Any] = {k: v for k, v in self._tls_options().items() if k != "ssl"}
+        if self.password:
+            ready.update(password=self.password, username=self.username)
+
+        def server(*args: str) -> RedisServer:
+            port = free_port()
+            settings = [word for line in self._tls_lines(port)
+                        for word in (f"--{line.split()[0]}", line.split()[1])]  # fmt: skip
+            scheme = "rediss" if self.tls else "redis"
+            return RedisServer(port=port, args=(*settings, *auth, *args),
+                               ready_url=f"{scheme}://127.0.0.1:{port}/0",
+                               ready_options=ready).start()  # fmt: skip
+
         try:
-            primary = RedisServer(args=auth, ready_options=ready).start()
+            primary = server()
             self.servers.append(primary)
             for _ in range(self.replicas):
-                follow = ("--replicaof", "127.0.0.1", str(primary.port))
-                self.servers.append(RedisServer(args=auth + follow, ready_options=ready).start())
+                self.servers.append(server("--replicaof", "127.0.0.1", str(primary.port)))
             for i in range(self.sentinels):
                 self._start_sentinel(i, primary.port)
             self._wait_until_known(timeout)
@@ -291,7 +334,7 @@ class SentinelSet:
     def _start_sentinel(self, index: int, primary_port: int) -> None:
         port = free_port()
         lines = [
-            f"port {port}",
+            *self._tls_lines(port),
             "bind 127.0.0.1",
             f"dir {self.workdir}",
             f"sentinel monitor {self.master} 127.0.0.1 {primary_port} {self.sentinels // 2 + 1}",
@@ -301,6 +344,8 @@ class SentinelSet:
         ]
         if self.password:
             lines.append(f"sentinel auth-pass {self.master} {self.password}")
+        if self.username:
+            lines.append(f"sentinel auth-user {self.master} {self.username}")
         if self.sentinel_password:
             lines += [f"requirepass {self.sentinel_password}",
                       f"sentinel sentinel-pass {self.sentinel_password}"]  # fmt: skip
@@ -319,7 +364,8 @@ class SentinelSet:
     def sentinel_client(self, index: int = 0) -> redis.Redis:
         """A client of one sentinel (for SENTINEL commands)."""
         return redis.Redis(port=self.sentinel_ports[index], password=self.sentinel_password,
-                           socket_timeout=2, decode_responses=True)  # fmt: skip
+                           socket_timeout=2, decode_responses=True,
+                           **self._tls_options())  # fmt: skip
 
     def primary_port(self) -> int:
         """The port of the server the sentinels name as the primary now."""
@@ -371,8 +417,8 @@ class SentinelSet:
 
 def _in_sync(server: RedisServer) -> bool:
     """Whether a replica's link to its primary is up (its first full sync done)."""
-    client = redis.Redis(port=server.port, socket_timeout=2, decode_responses=True,
-                         **server.ready_options)  # fmt: skip
+    client = redis.Redis.from_url(server.ready_url or server.url, socket_timeout=2,
+                                  decode_responses=True, **server.ready_options)  # fmt: skip
     try:
         return client.info("replication").get("master_link_status") == "up"
     except redis.RedisError:

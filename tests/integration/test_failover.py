@@ -16,10 +16,13 @@ import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 
 import httpx
 import pytest
+import trustme
 
+from producer import connections
 from producer.client import Client
 from producer.local import GatewayProcess, SentinelSet, WorkerProcess
 from producer.settings import Settings
@@ -105,3 +108,36 @@ def test_sigkill_of_the_primary_mid_run_loses_no_job() -> None:
                                     env={**os.environ, **env}, capture_output=True, text=True,
                                     timeout=60, check=True)  # fmt: skip
             assert json.loads(status.stdout)["done"] == JOBS + 1
+
+
+def test_sentinels_over_tls_with_an_acl_user_fail_over_too(tmp_path: Path) -> None:
+    """Every server and sentinel on TLS only, client certificates required, Redis's default
+    user off and an ACL user in the URL: a worker, a producer and the CLI still go through the
+    sentinels, before and after the primary dies."""
+    ca = trustme.CA()
+    cert = ca.issue_cert("127.0.0.1", "localhost")
+    files = (tmp_path / "ca.pem", tmp_path / "cert.pem", tmp_path / "key.pem")
+    ca.cert_pem.write_to_path(str(files[0]))
+    cert.cert_chain_pems[0].write_to_path(str(files[1]))
+    cert.private_key_pem.write_to_path(str(files[2]))
+    with SentinelSet(password="acl-user-password-for-test", username="batchery",
+                     sentinel_password="sentinel-pw-test", tls=files) as cluster:  # fmt: skip
+        env = {**cluster.env(), "BATCHERY_REPLICA_ACKS": "1", "BATCHERY_QUEUE": "tls"}
+        settings = Settings.from_env(env)
+        assert settings.redis_url.startswith("sentinel://batchery:")
+        # Without TLS the sentinels don't answer.
+        plain = {k: v for k, v in env.items() if "TLS" not in k}
+        assert not connections.answers(Settings.from_env(plain), timeout=1.0)
+        worker = WorkerProcess(cluster.url, "--concurrency", "1", env=env)
+        with worker, Client(settings=settings) as client:
+            paths = digit_paths(50)
+            before = client.results(client.submit_many(paths), timeout=240)
+            assert [r["label"] for r in before] == [label_of(p) for p in paths]
+            cluster.server(cluster.primary_port()).process.kill()  # type: ignore[union-attr]
+            after = client.results(client.submit_many(paths), timeout=120)
+            assert [r["label"] for r in after] == [label_of(p) for p in paths]
+            status = subprocess.run([sys.executable, "-m", "producer.cli", "status", "--json"],
+                                    env={**os.environ, **env}, capture_output=True, text=True,
+                                    timeout=60, check=True)  # fmt: skip
+            assert json.loads(status.stdout)["done"] == 100
+            assert worker.process is not None and worker.process.poll() is None
