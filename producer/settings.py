@@ -54,6 +54,7 @@ class Settings:
     signing_cert: Path | None = None
     signing_certs: Path | None = None
     metrics_port: int | None = None
+    task_events: bool = True
     log_format: str = "text"
     max_message_bytes: int = 8 * 1024 * 1024
     prefetch_jobs: int = 0
@@ -171,11 +172,11 @@ class Settings:
                 raise ConfigError(f"{name}={raw!r} must be at least {minimum}")
             return value
 
-        def flag(name: str) -> bool:
+        def flag(name: str, default: bool = False) -> bool:
             raw = env.get(name, "").strip().lower()
             if raw not in ("", "0", "1", "true", "false", "yes", "no"):
                 raise ConfigError(f"{name}={raw!r}: use 1 or 0")
-            return raw in ("1", "true", "yes")
+            return default if not raw else raw in ("1", "true", "yes")
 
         def path(name: str) -> Path | None:
             value = env.get(name, "").strip()
@@ -235,6 +236,7 @@ class Settings:
                 if env.get("BATCHERY_METRICS_PORT", "").strip()
                 else None
             ),
+            task_events=flag("BATCHERY_TASK_EVENTS", default=True),
             log_format=text("BATCHERY_LOG_FORMAT", defaults.log_format).lower(),
             max_message_bytes=int(
                 number("BATCHERY_MAX_MESSAGE_BYTES", defaults.max_message_bytes, minimum=1024)

@@ -197,7 +197,9 @@ def create_app(settings: Settings) -> Celery:
         # SIGTERM: finish the batch in hand; unacknowledged messages go back to the queue.
         worker_soft_shutdown_timeout=10.0,
         worker_enable_soft_shutdown_on_idle=True,
-        worker_send_task_events=True,
+        # Per-message events for Flower and `celery events`; on one-job messages they are
+        # nearly half of the main process's work (BATCHERY_TASK_EVENTS=0 turns them off).
+        worker_send_task_events=settings.task_events,
         task_send_sent_event=False,
         # Refused messages: logged without their bodies, their jobs failed (see refusals).
         worker_consumer=refusing_consumer(settings, redis_client),

@@ -90,3 +90,15 @@ def test_metrics_port_and_log_format() -> None:
     assert Settings.from_env({}).metrics_port is None
     with pytest.raises(ConfigError, match="use text or json"):
         Settings.from_env({"BATCHERY_LOG_FORMAT": "xml"})
+
+
+def test_task_events_are_on_unless_turned_off() -> None:
+    assert Settings.from_env({}).task_events is True
+    assert Settings.from_env({"BATCHERY_TASK_EVENTS": "0"}).task_events is False
+    with pytest.raises(ConfigError, match="use 1 or 0"):
+        Settings.from_env({"BATCHERY_TASK_EVENTS": "sometimes"})
+    pytest.importorskip("celery")
+    from worker.app import create_app
+
+    assert create_app(Settings(task_events=False)).conf.worker_send_task_events is False
+    assert create_app(Settings()).conf.worker_send_task_events is True
