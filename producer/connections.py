@@ -21,7 +21,7 @@ the same connection by ``WAIT N``: they return only once N replicas hold them, o
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 from urllib.parse import quote, unquote, urlsplit
 
 import redis
@@ -98,22 +98,19 @@ def _quote(text: str) -> str:
 
 def sentinel_kwargs(settings: Settings) -> dict[str, Any]:
     """How to reach the sentinels themselves: their login, and TLS like Redis's."""
-    options: dict[str, Any] = {}
-    if settings.sentinel_username:
-        options["username"] = settings.sentinel_username
-    if settings.sentinel_password:
-        options["password"] = settings.sentinel_password
-    if settings.redis_tls:
-        options.update(settings.redis_ssl(), ssl=True)
-    return options
+    return _login(settings, settings.sentinel_username, settings.sentinel_password)
 
 
 def _master_options(settings: Settings, address: SentinelAddress) -> dict[str, Any]:
-    options: dict[str, Any] = {"db": address.db}
-    if address.username:
-        options["username"] = address.username
-    if address.password:
-        options["password"] = address.password
+    return {"db": address.db, **_login(settings, address.username, address.password)}
+
+
+def _login(settings: Settings, username: str | None, password: str | None) -> dict[str, Any]:
+    options: dict[str, Any] = {}
+    if username:
+        options["username"] = username
+    if password:
+        options["password"] = password
     if settings.redis_tls:
         options.update(settings.redis_ssl(), ssl=True)
     return options
@@ -130,37 +127,37 @@ def _with_room_to_wait(settings: Settings, options: dict[str, Any]) -> dict[str,
 def client(settings: Settings, **options: Any) -> redis.Redis:
     """A Redis client for ``settings`` (``options``: redis-py's, e.g. ``max_connections``,
     timeouts, ``retry``), following the primary when the URL names sentinels."""
-    options = _with_room_to_wait(settings, options)
-    if not settings.sentinel:
-        return redis.Redis.from_url(settings.redis_url, **options, **settings.redis_ssl())
-    address = SentinelAddress.parse(settings.redis_url)
-    connect = {k: v for k, v in options.items() if k.startswith("socket_connect")}
-    sentinel = Sentinel(list(address.sentinels), sentinel_kwargs={**connect,
-                        **sentinel_kwargs(settings)})  # fmt: skip
-    return sentinel.master_for(
-        str(settings.sentinel_master), redis_class=redis.Redis,
-        **_master_options(settings, address), **options,
-    )  # fmt: skip
+    return cast(redis.Redis, _build(settings, options, redis.Redis, Sentinel))
 
 
 def async_client(settings: Settings, **options: Any) -> aioredis.Redis:
     """An asyncio Redis client for ``settings``, as :func:`client`."""
+    return cast(aioredis.Redis, _build(settings, options, aioredis.Redis, AsyncSentinel))
+
+
+def _build(settings: Settings, options: dict[str, Any], redis_class: Any,
+           sentinel_class: Any) -> Any:  # fmt: skip
+    # redis-py's sync and asyncio clients take the same arguments: one recipe for both.
     options = _with_room_to_wait(settings, options)
     if not settings.sentinel:
-        return aioredis.Redis.from_url(settings.redis_url, **options, **settings.redis_ssl())
+        return redis_class.from_url(settings.redis_url, **options, **settings.redis_ssl())
     address = SentinelAddress.parse(settings.redis_url)
     connect = {k: v for k, v in options.items() if k.startswith("socket_connect")}
-    sentinel = AsyncSentinel(list(address.sentinels), sentinel_kwargs={**connect,
-                             **sentinel_kwargs(settings)})  # fmt: skip
+    sentinel = sentinel_class(list(address.sentinels), sentinel_kwargs={**connect,
+                              **sentinel_kwargs(settings)})  # fmt: skip
     return sentinel.master_for(
-        str(settings.sentinel_master), redis_class=aioredis.Redis,
+        str(settings.sentinel_master), redis_class=redis_class,
         **_master_options(settings, address), **options,
     )  # fmt: skip
 
 
 def answers(settings: Settings, timeout: float = 1.0) -> bool:
     """True if the Redis ``settings`` name (through its sentinels, if so) answers PING."""
-    probe = client(settings, socket_connect_timeout=timeout, socket_timeout=timeout)
+    return pings(client(settings, socket_connect_timeout=timeout, socket_timeout=timeout))
+
+
+def pings(probe: redis.Redis) -> bool:
+    """True if ``probe`` gets an answer to PING; it is closed either way."""
     try:
         return bool(probe.ping())
     except (redis.ConnectionError, redis.TimeoutError, redis.ResponseError, OSError):

@@ -22,6 +22,7 @@ from typing import Any
 
 import redis
 
+from producer.connections import pings
 from producer.errors import BatcheryError, RedisUnavailableError
 
 
@@ -34,15 +35,9 @@ def free_port() -> int:
 
 def redis_answers(url: str, timeout: float = 1.0, **options: Any) -> bool:
     """True if a Redis server answers PING at ``url`` (``options``: e.g. TLS files)."""
-    client = redis.Redis.from_url(
-        url, socket_connect_timeout=timeout, socket_timeout=timeout, **options
-    )
-    try:
-        return bool(client.ping())
-    except (redis.ConnectionError, redis.TimeoutError, redis.ResponseError, OSError):
-        return False
-    finally:
-        client.close()
+    # Not connections.client: a throwaway server's URL and options, not a deployment's settings.
+    return pings(redis.Redis.from_url(url, socket_connect_timeout=timeout,
+                                      socket_timeout=timeout, **options))  # fmt: skip
 
 
 @dataclass
