@@ -279,7 +279,8 @@ class SentinelSet:
                 "ssl_keyfile": str(key)}  # fmt: skip
 
     def _tls_lines(self, port: int) -> list[str]:
-        """Server settings for TLS on ``port`` only (none if no TLS)."""
+        """How a server or sentinel listens: plainly on ``port``, or (with ``tls``) TLS only
+        there, client certificates required, and TLS to the servers it connects to."""
         if not self.tls:
             return [f"port {port}"]
         ca, cert, key = self.tls
