@@ -50,6 +50,7 @@ from producer.errors import (
 )
 from producer.guard import GatewayMetrics, Guard, headers_in_time
 from producer.images import check_image_bytes
+from producer.ledger import backlog_jobs
 from producer.outbox import Outbox
 from producer.registry import Registry
 from producer.settings import Settings, redact_url
@@ -357,7 +358,7 @@ async def metrics(request: Request) -> Response:
     queue = gw.settings.queue
     try:
         raw = await asyncio.wait_for(gw.redis.get(backlog_key(queue)), 2.0)
-        gw.metrics.backlog.labels(queue).set(max(0, int(raw or 0)))
+        gw.metrics.backlog.labels(queue).set(backlog_jobs(raw))
     except (redis.RedisError, OSError, asyncio.TimeoutError):
         with contextlib.suppress(KeyError):  # no stale figure for an autoscaler to act on
             gw.metrics.backlog.remove(queue)

@@ -223,7 +223,13 @@ def settle(pipe: Any, queue: str, message_ids: Sequence[str]) -> None:
 def backlog(client: redis.Redis, queue: str) -> int:
     """Jobs pushed on ``queue`` through the ledger and not answered yet (see
     :func:`producer.wire.backlog_key`)."""
-    return max(0, int(client.get(backlog_key(queue)) or 0))
+    return backlog_jobs(client.get(backlog_key(queue)))
+
+
+def backlog_jobs(raw: bytes | str | None) -> int:
+    """The backlog from a GET of :func:`producer.wire.backlog_key` (for readers that fetch it
+    in their own pipeline): 0 when unset."""
+    return max(0, int(raw or 0))
 
 
 # KEYS: ledger, due, jobs hash, backlog counter. ARGV: message ids.

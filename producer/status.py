@@ -8,6 +8,7 @@ import time
 from typing import Any, TextIO
 
 from producer.client import Client
+from producer.ledger import backlog_jobs
 from producer.settings import redact_url
 from producer.wire import (
     DEAD_LETTER_KEY,
@@ -50,7 +51,7 @@ def collect(client: Client) -> dict[str, Any]:
         "queue_depth": sum(by_priority.values()),
         "queue_depth_by_priority": by_priority,
         "in_flight": in_flight,
-        "backlog_jobs": max(0, int(backlog or 0)),
+        "backlog_jobs": backlog_jobs(backlog),
         "workers_alive": len(workers),
         "workers": workers,
         "done": int(stats.get("done", 0)),

@@ -25,6 +25,7 @@ from redis.retry import Retry
 
 from producer import connections
 from producer.errors import BatcheryError, ConfigError
+from producer.ledger import backlog_jobs
 from producer.registry import ModelInfo, Registry
 from producer.settings import Settings, redact_url
 from producer.wire import (
@@ -265,7 +266,7 @@ def run_worker(settings: Settings, loglevel: str = "INFO") -> None:
                 pipe.hlen(UNACKED_KEY)
                 pipe.get(backlog_key(settings.queue))
                 *depths, in_flight, backlog = pipe.execute()
-            return sum(int(d) for d in depths), int(in_flight), max(0, int(backlog or 0))
+            return sum(int(d) for d in depths), int(in_flight), backlog_jobs(backlog)
 
         metrics.serve(settings, read_queue)
         atexit.register(metrics.clean_up)
