@@ -26,6 +26,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--concurrency", type=int, help="worker processes (default: the cores)")
     p.add_argument("--batch-size", type=int, help="most images in one forward pass (64)")
     p.add_argument(
+        "--batch-budget-ms", type=float,
+        help="cut batches to about this much work, in ms, learned per model version (25; 0: off)",
+    )  # fmt: skip
+    p.add_argument(
         "--batch-wait-ms", type=float, help="longest wait for a batch to fill, in ms (5)"
     )
     p.add_argument(
@@ -286,6 +290,7 @@ def _worker(args: argparse.Namespace, settings: Settings) -> int:
         "concurrency": args.concurrency,
         "batch_size": args.batch_size,
         "batch_wait_ms": args.batch_wait_ms,
+        "batch_budget_ms": args.batch_budget_ms,
         "model_path": args.model,
         "metrics_port": args.metrics_port,
         "log_format": args.log_format,

@@ -37,6 +37,7 @@ class Settings:
     result_ttl_s: int = 24 * 3600
     batch_size: int = 64
     batch_wait_ms: float = 5.0
+    batch_budget_ms: float = 25.0
     concurrency: int = field(default_factory=lambda: os.cpu_count() or 1)
     chunk_size: int = 256
     top_k: int = 3
@@ -208,6 +209,9 @@ class Settings:
             batch_size=int(number("BATCHERY_BATCH_SIZE", defaults.batch_size)),
             batch_wait_ms=float(
                 number("BATCHERY_BATCH_WAIT_MS", defaults.batch_wait_ms, float, minimum=0)
+            ),
+            batch_budget_ms=float(
+                number("BATCHERY_BATCH_BUDGET_MS", defaults.batch_budget_ms, float, minimum=0)
             ),
             concurrency=int(number("BATCHERY_CONCURRENCY", defaults.concurrency)),
             chunk_size=int(number("BATCHERY_CHUNK_SIZE", defaults.chunk_size)),

@@ -218,13 +218,18 @@ def create_app(settings: Settings) -> Celery:
         flush_every=settings.batch_size,
         flush_interval=max(settings.batch_wait_ms, 0.5) / 1000.0,
         pool_slots=settings.concurrency,
+        budget_s=settings.batch_budget_ms / 1000.0,
         time_limit=settings.batch_time_limit_s,
         on_worker_lost=staticmethod(count_deaths(settings)),  # a plain function, not a method
         ignore_result=True,
     )
-    def classify(requests: Sequence[RequestLike]) -> str:
-        runner(settings).run(requests)
-        return BATCH_DONE
+    def classify(requests: Sequence[RequestLike]) -> tuple[str, float, bool]:
+        # What the batch took, for the main process's cost model (worker.budget); "cold"
+        # if it loaded a model, whose seconds say nothing of the next batch's.
+        batch_runner = runner(settings)
+        loads, started = batch_runner.models.loads, time.perf_counter()
+        batch_runner.run(requests)
+        return BATCH_DONE, time.perf_counter() - started, batch_runner.models.loads != loads
 
     def load_models(**_: Any) -> None:
         warm_up(settings)

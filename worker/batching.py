@@ -4,8 +4,12 @@ celery-batches buffers task messages in the worker's main process and flushes th
 pool every ``flush_every`` messages or ``flush_interval`` seconds. Batchery changes three
 things:
 
-- Batches are counted in jobs, not messages: a message may carry one job or a chunk of many.
-  A flush hands one pool process up to ``batch_size`` jobs (at least one message).
+- Batches are cut to a time budget (``budget_s``, see ``worker.budget``), and counted in jobs,
+  not messages: a flush hands one pool process about ``budget_s`` seconds of work, at most
+  ``batch_size`` jobs and at least one. A message may carry one job or a chunk of 256, and
+  its jobs may be spread over several batches and pool processes (:class:`Held`): it is
+  acknowledged once every one of its jobs' results is stored, and given back whole if any
+  of its batches failed (a job already answered is skipped when it comes again).
 - A message arriving at an idle worker is flushed at once: a lone job never waits for a batch
   that will not fill. While some pool processes are busy, the buffer fills until
   ``batch_size`` jobs or ``batch_wait_ms`` pass; while all are busy, it fills until one is
@@ -31,6 +35,7 @@ things:
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from collections import deque
@@ -41,7 +46,8 @@ from billiard.exceptions import TimeLimitExceeded, WorkerLostError
 from celery_batches import Batches, SimpleRequest
 from celery_batches.trace import apply_batches_task
 
-from producer.wire import PRIORITIES, job_ids_in, priority_of, runs_alone
+from producer.wire import MAX_JOBS_PER_MESSAGE, PRIORITIES, job_ids_in, priority_of, runs_alone
+from worker.budget import CostModel, Cut, Kind, kind_of
 
 log = logging.getLogger(__name__)
 
@@ -76,24 +82,36 @@ BATCH_ORDER = ("high", "normal", "low")
 BATCH_SHARE = {3: ("normal", "low", "high"), 7: ("low", "normal", "high")}
 
 
-def _take_now(requests: list[Any]) -> None:
+def _take_now(request: Any, high_waiting: bool) -> None:
     """Before a freed pool process takes its next batch: the next message waiting in Redis
-    (a high one first) now joins the buffer (see worker.transport.Channel.take_now)."""
-    message: Any = getattr(requests[0], "message", None) if requests else None
-    take = getattr(getattr(message, "channel", None), "take_now", None)
-    if take is not None:
-        try:
+    (a high one first) now joins the buffer (see worker.transport.Channel.take_now).
+
+    Within prefetch, by the same rule as a poll. Past it (a message split over batches
+    leaves the buffer a part at a time), a high message only, and only when no high work
+    is buffered: a high job still goes in the next batch, and the buffer stays bounded.
+    """
+    message: Any = getattr(request, "message", None)
+    channel: Any = getattr(message, "channel", None)
+    take = getattr(channel, "take_now", None)
+    if take is None:
+        return
+    try:
+        qos = getattr(channel, "qos", None)
+        if qos is None or qos.can_consume():
             take()
-        except Exception:  # never cost a batch its acknowledgement
-            log.exception("could not take the next message")
+        elif not high_waiting:
+            take(high_only=True)
+    except Exception:  # never cost a batch its acknowledgement
+        log.exception("could not take the next message")
 
 
-def _started(request: Any) -> None:
-    """Tell the channel's QoS a message left the buffer (see worker.transport.WeighedQoS)."""
+def _started(request: Any, jobs: int | None = None) -> None:
+    """Tell the channel's QoS that ``jobs`` of a message's jobs (None: all that are left)
+    left the buffer for a pool process (see worker.transport.WeighedQoS)."""
     message: Any = getattr(request, "message", None)
     started = getattr(getattr(getattr(message, "channel", None), "qos", None), "started", None)
     if started is not None:
-        started(message.delivery_tag)
+        started(message.delivery_tag, jobs)
 
 
 def unwrap(error: Any) -> Any:
@@ -103,13 +121,64 @@ def unwrap(error: Any) -> Any:
     return error
 
 
+#: The kind given to a message whose jobs can't be read or split: it goes whole, and the
+#: batch function refuses it.
+UNREADABLE: Kind = (None, None, False, "unreadable")
+
+
+class Held:
+    """A message in the worker's hands, its jobs handed to pool processes a slice at a time.
+
+    ``taken`` jobs have gone to batches, ``running`` of which have not finished. It is
+    settled (acknowledged, or given back whole) once nothing of it runs and either every job
+    was taken or one of its batches failed.
+    """
+
+    __slots__ = ("alone", "died", "failure", "jobs", "kinds", "priority", "request",
+                 "running", "size", "started_at", "taken")  # fmt: skip
+
+    def __init__(self, request: Any) -> None:
+        self.request = request
+        kwargs = request_kwargs(request)
+        jobs = kwargs.get("jobs") if isinstance(kwargs, dict) else None
+        self.alone = runs_alone(kwargs)
+        # A message over the jobs limit is refused whole: split, its parts would pass.
+        splittable = isinstance(jobs, list) and 0 < len(jobs) <= MAX_JOBS_PER_MESSAGE
+        self.jobs: list[Any] | None = jobs if splittable and not self.alone else None
+        self.kinds = [kind_of(job) for job in self.jobs] if self.jobs else [UNREADABLE]
+        self.size = len(self.kinds)
+        self.priority = request_priority(request)
+        self.taken = 0
+        self.running = 0
+        self.failure: str | None = None
+        self.died = False
+        self.started_at: float | None = None
+
+    @property
+    def left(self) -> int:
+        """Jobs not yet handed to a batch."""
+        return self.size - self.taken
+
+    def part(self, start: int, end: int) -> SimpleRequest:
+        """The request a pool process gets for jobs ``start:end`` of this message."""
+        simple = SimpleRequest.from_request(self.request)
+        if self.jobs is not None and (start, end) != (0, self.size):
+            simple.kwargs = {**simple.kwargs, "jobs": self.jobs[start:end]}
+        # Read by worker.tasks: only the part that takes the last jobs strikes the message
+        # off the ledger.
+        simple.settle = end == self.size
+        return simple
+
+
 class DynamicBatches(Batches):
-    """A celery-batches task whose batches follow the pool's load."""
+    """A celery-batches task whose batches follow the pool's load and a time budget."""
 
     abstract = True
 
     #: Pool processes; set from the worker's concurrency when the task is created.
     pool_slots = 1
+    #: Seconds of work a batch is cut to (0: counted in jobs only); see worker.budget.
+    budget_s = 0.0
     #: Called with the job ids of a batch whose pool process died (set by the app).
     on_worker_lost: Callable[[list[str]], None] | None = None
     #: Seconds a batch may run before its pool process is killed (None: no limit).
@@ -124,13 +193,14 @@ class DynamicBatches(Batches):
         self._eventer: Any = None
         self._busy = 0
         self._generation = 0
-        # A request taken from the buffer that must start the next batch (see _next_batch).
-        # Buffered requests by priority, in arrival order within each (see _next_batch).
-        self._waiting: dict[str, deque[Any]] = {level: deque() for level in PRIORITIES}
+        # Held messages by priority, in arrival order within each (see _next_batch); the
+        # first of a list may be partly taken.
+        self._waiting: dict[str, deque[Held]] = {level: deque() for level in PRIORITIES}
         self._batches = 0
         self._timer: Any = None
         # Message id -> failed tries here, for the pause before it is given back.
         self._tries: dict[str, int] = {}
+        self.costs = CostModel()
 
     def Strategy(self, task: Batches, app: Any, consumer: Any) -> Callable[..., None]:
         """Wrap celery-batches' message handler with the flush-when-idle rule.
@@ -156,7 +226,7 @@ class DynamicBatches(Batches):
 
         def on_message(message: Any, *args: Any, **kwargs: Any) -> None:
             buffer_message(message, *args, **kwargs)
-            if self._busy == 0 or self._buffered_jobs() >= self.flush_every:
+            if self._busy == 0 or self._batch_ready():
                 self._do_flush()
             # After the flush: an event is a Redis round trip, kept off a lone job's path.
             headers = message.headers
@@ -173,10 +243,10 @@ class DynamicBatches(Batches):
     def _do_flush(self) -> None:
         """Give free pool processes a batch each (called on messages, timer and completions)."""
         while self._busy < self.pool_slots:
-            batch = self._next_batch()
-            if not batch:
+            parts = self._next_batch()
+            if not parts:
                 break
-            self.flush(batch)
+            self._run(parts)
         if self._buffer.empty() and not any(self._waiting.values()) and self._tref is not None:
             self._tref.cancel()
             self._tref = None
@@ -190,43 +260,83 @@ class DynamicBatches(Batches):
         except Exception as exc:
             log.warning("task event %s not sent: %s", kind, exc)
 
-    def _next_batch(self) -> list[Any]:
-        """Buffered requests for one batch: up to ``flush_every`` jobs, or one ``alone``.
+    def _hold_buffered(self) -> None:
+        while not self._buffer.empty():
+            held = Held(self._buffer.get_nowait())
+            self._waiting[held.priority].append(held)
+
+    def _next_batch(self) -> list[tuple[Held, int, int]]:
+        """Parts of held messages for one batch: about ``budget_s`` of work, at most
+        ``flush_every`` jobs, at least one; or one ``alone`` message by itself.
 
         One priority a batch, higher first, except one batch in eight that takes normal work
         and one that takes low work, when there is some: lower work is never starved.
         """
-        while not self._buffer.empty():
-            request = self._buffer.get_nowait()
-            self._waiting[request_priority(request)].append(request)
+        self._hold_buffered()
         order = BATCH_SHARE.get((self._batches + 1) % 8, BATCH_ORDER)
-        batch: list[Any] = []
-        jobs = 0
         # One priority a batch: a high job never waits for bulk work batched with it.
         waiting = next((self._waiting[level] for level in order if self._waiting[level]), None)
-        while waiting and jobs < self.flush_every:
-            if runs_alone(request_kwargs(waiting[0])):
-                if not batch:
-                    batch.append(waiting.popleft())
-                break  # an alone one makes a batch by itself
-            request = waiting.popleft()
-            batch.append(request)
-            jobs += jobs_in(request)
-        self._batches += bool(batch)
-        return batch
+        cut = Cut(self.costs, self.budget_s, self.flush_every)
+        parts: list[tuple[Held, int, int]] = []
+        while waiting and not cut.closed:
+            held = waiting[0]
+            if held.alone:
+                if not parts:  # an alone one makes a batch by itself
+                    parts.append((held, 0, held.size))
+                    held.taken = held.size
+                    waiting.popleft()
+                break
+            start = end = held.taken
+            while end < held.size and cut.fits(held.kinds[end]):
+                end += 1
+            if end > start:
+                parts.append((held, start, end))
+                held.taken = end
+            if held.taken == held.size:
+                waiting.popleft()
+        self._batches += bool(parts)
+        return parts
+
+    def _batch_ready(self) -> bool:
+        """Whether the buffer holds a whole batch: ``flush_every`` jobs or a budget's work."""
+        self._hold_buffered()
+        jobs = 0
+        seconds = 0.0
+        for waiting in self._waiting.values():
+            for held in waiting:
+                jobs += held.left
+                cost = self.costs.per_job(held.kinds[-1], min(held.left, self.flush_every))
+                if cost is None:
+                    return True  # an unknown kind goes alone: nothing to wait for
+                seconds += held.left * cost
+                if jobs >= self.flush_every or (self.budget_s and seconds >= self.budget_s):
+                    return True
+        return False
 
     def _buffered_jobs(self) -> int:
-        # The buffer holds at most the prefetch count of messages: a short sum.
-        waiting = [r for level in self._waiting.values() for r in level]
-        return sum(jobs_in(request) for request in waiting + list(self._buffer.queue))
+        """Jobs in the worker's hands not yet handed to a pool process."""
+        self._hold_buffered()
+        return sum(held.left for waiting in self._waiting.values() for held in waiting)
 
     def flush(self, requests: Collection[Any]) -> Any:
-        """Hand the requests to a pool process; ack on success, requeue on failure."""
-        requests = list(requests)
+        """celery-batches' entry point: these whole messages as one batch."""
+        parts = [(held, 0, held.size) for held in map(Held, requests)]
+        for held, _, _ in parts:
+            held.taken = held.size
+        return self._run(parts)
+
+    def _run(self, parts: list[tuple[Held, int, int]]) -> Any:
+        """Hand the parts to a pool process; settle each message once all of it is done."""
         generation = self._generation
         self._busy += 1
         finished = False
         started = time.monotonic()
+        held_here = list(dict.fromkeys(held for held, _, _ in parts))
+        counts: dict[Kind, int] = {}
+        for held, start, end in parts:
+            for kind in held.kinds[start:end]:
+                counts[kind] = counts.get(kind, 0) + 1
+        requests = [held.part(start, end) for held, start, end in parts]
 
         def finish(ok: bool, reason: str, died: bool = False) -> None:
             nonlocal finished
@@ -236,47 +346,69 @@ class DynamicBatches(Batches):
             if generation != self._generation:
                 return  # from before a consumer restart: its messages were given back
             self._busy -= 1
-            runtime = time.monotonic() - started
-            if ok:
-                for request in requests:
-                    self._tries.pop(request.id, None)
-                    request.acknowledge()
-                    self._event("task-succeeded", request.id, result=repr(BATCH_DONE),
-                                runtime=runtime)  # fmt: skip
-            else:
-                pause = 0.0 if died else self._pause(requests)
-                log.error("batch of %d messages requeued%s: %s", len(requests),
-                          f" in {pause:g} s" if pause else "", reason)  # fmt: skip
-                self._requeue(requests, reason, pause)
-            _take_now(requests)
+            for held in held_here:
+                held.running -= 1
+                if not ok and held.failure is None:
+                    held.failure, held.died = reason, died
+                self._settle(held)
+            _take_now(held_here[0].request, bool(self._waiting["high"]))
             self._do_flush()
 
         def on_return(result: Any) -> None:
-            finish(result == BATCH_DONE, f"the batch function returned {result!r}")
+            done = isinstance(result, tuple) and len(result) == 3 and result[0] == BATCH_DONE
+            if done and not result[2]:
+                self.costs.observe(counts, float(result[1]))
+            finish(done, f"the batch function returned {result!r}")
 
         def on_error(error: Any) -> None:
             exc = unwrap(error)
             died = isinstance(exc, (WorkerLostError, TimeLimitExceeded))
             if died and self.on_worker_lost is not None:
-                ids = [jid for request in requests for jid in job_ids_in(request_kwargs(request))]
+                ids = [jid for held, start, end in parts for jid in job_ids_in(
+                    request_kwargs(held.request) if held.jobs is None
+                    else {"jobs": held.jobs[start:end]})]  # fmt: skip
                 try:
                     self.on_worker_lost(ids)
                 except Exception:
                     log.exception("could not count the death of the batch's worker")
             finish(False, f"{type(exc).__name__}: {exc}", died)
 
-        serializable = ([SimpleRequest.from_request(r) for r in requests],)
         result = self._pool.apply_async(
             apply_batches_task,
-            (self, serializable, 0, None),
+            (self, (requests,), 0, None),
             callback=on_return,
             error_callback=on_error,
             timeout=self.time_limit,
         )
-        for request in requests:
-            self._event("task-started", request.id)
-            _started(request)
+        for held, start, end in parts:
+            held.running += 1
+            if held.started_at is None:
+                held.started_at = started
+                self._event("task-started", held.request.id)
+            _started(held.request, None if held.taken == held.size else end - start)
         return result
+
+    def _settle(self, held: Held) -> None:
+        """Acknowledge a message whose jobs are all stored, or give back one whose batch
+        failed, once none of its parts is running."""
+        if held.failure is not None and held.left:
+            # The jobs not taken yet go back with the message: none of them starts now.
+            with contextlib.suppress(ValueError):
+                self._waiting[held.priority].remove(held)
+            held.taken = held.size
+        if held.running or held.left:
+            return
+        request = held.request
+        if held.failure is None:
+            self._tries.pop(request.id, None)
+            request.acknowledge()
+            runtime = time.monotonic() - (held.started_at or time.monotonic())
+            self._event("task-succeeded", request.id, result=repr(BATCH_DONE), runtime=runtime)
+            return
+        pause = 0.0 if held.died else self._pause([request])
+        log.error("message of %d jobs requeued%s: %s", held.size,
+                  f" in {pause:g} s" if pause else "", held.failure)  # fmt: skip
+        self._requeue([request], held.failure, pause)
 
     def _pause(self, requests: list[Any]) -> float:
         """Seconds to wait before giving these messages back: doubling with their tries."""

@@ -256,6 +256,8 @@ class ModelCache:
         self._loaded: OrderedDict[str, LoadedModel] = OrderedDict()
         self._promoted: dict[str, str] = {}
         self._lock = threading.RLock()
+        #: Versions loaded so far: a batch that loaded one ran cold (see worker.budget).
+        self.loads = 0
 
     def resolve(self, name: str | None, version: str | None) -> ModelInfo:
         """The registry entry a job's (model, version) means; ModelNotFoundError if none."""
@@ -296,6 +298,7 @@ class ModelCache:
                 self._loaded.move_to_end(info.key)
                 return loaded
         loaded = load(info, self.batch_size, self.threads)
+        self.loads += 1
         if self.on_load is not None:
             self.on_load(info)
         with self._lock:

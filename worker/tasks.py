@@ -106,7 +106,10 @@ class BatchRunner:
             done = {result.job_id for result in results}
             reason = f"internal error: {type(exc).__name__}: {exc}"
             results.extend(JobResult.failure(job, reason) for job in jobs if job.id not in done)
-        settled = [request.id for request in requests if isinstance(request.id, str)]
+        # A message split over several batches is struck off the ledger by the batch that
+        # took its last jobs (worker.batching marks the others ``settle = False``).
+        settled = [request.id for request in requests
+                   if isinstance(request.id, str) and getattr(request, "settle", True)]  # fmt: skip
         self.store(
             results, quiet={job.id for job in jobs if not job.notify}, settled=settled,
             refused=unanswerable,

@@ -82,14 +82,23 @@ class WeighedQoS(kombu_redis.QoS):
         self._jobs += weight[0]
         self._bytes += weight[1]
 
-    def started(self, delivery_tag: Any) -> None:
-        """The message's jobs left the buffer for a pool process: they no longer count.
+    def started(self, delivery_tag: Any, jobs: int | None = None) -> None:
+        """``jobs`` of the message's jobs (None: all that are left) left the buffer for a
+        pool process: they no longer count. Its bytes count until all of them have left.
 
         What a worker holds is then its prefetch (jobs waiting in the buffer) plus the
         batches running (one per pool process), and a poll can take the next message, high
-        ones first, while every pool process is busy.
+        ones first, while every pool process is busy. A message split over several batches
+        (worker.batching) leaves a part at a time.
         """
-        self._unweigh(delivery_tag)
+        weight = self._weights.get(delivery_tag)
+        if weight is None:
+            return
+        if jobs is None or jobs >= weight[0]:
+            self._unweigh(delivery_tag)
+            return
+        self._weights[delivery_tag] = (weight[0] - jobs, weight[1])
+        self._jobs -= jobs
 
     def _unweigh(self, delivery_tag: Any) -> None:
         jobs, size = self._weights.pop(delivery_tag, (0, 0))
@@ -131,16 +140,17 @@ class Channel(kombu_redis.Channel):
         self._polls += 1
         return SHARE.get(self._polls % 8, TAKE_ORDER)
 
-    def take_now(self) -> bool:
+    def take_now(self, high_only: bool = False) -> bool:
         """Take the next message at once, by the same rule as a poll (see ``take_order``).
 
         Called as a batch finishes, before the freed pool process gets its next batch: a high
         job waiting in Redis while the worker is full of other work joins that batch rather
         than waiting for the next, and one grab in eight still looks at lower work first, as
         polls do. One script pops the first non-empty list in order (no blocking); the
-        message is delivered as a BRPOP's is (recorded unacked).
+        message is delivered as a BRPOP's is (recorded unacked). ``high_only``: look at the
+        high list alone (for a worker whose prefetch is full, see worker.batching).
         """
-        order = self.take_order()
+        order = (HIGH,) if high_only else self.take_order()
         for queue in self.active_queues:
             keys = [self._q_for_pri(queue, pri) for pri in order]
             try:

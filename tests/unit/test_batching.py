@@ -20,9 +20,13 @@ class RecordingBatches(DynamicBatches):
         self.flush_every = batch_size
         self.batches: list[list[str]] = []
 
-    def flush(self, requests: Any) -> None:
+    def _run(self, parts: Any) -> None:
         self._busy += 1
-        self.batches.append([r.id for r in requests])
+        self.batches.append([
+            held.request.id if (start, end) == (0, held.size)
+            else f"{held.request.id}[{start}:{end}]"
+            for held, start, end in parts
+        ])  # fmt: skip
 
 
 def message(name: str, n_jobs: int, alone: bool = False) -> SimpleNamespace:
@@ -40,8 +44,9 @@ def test_batches_are_counted_in_jobs_not_messages() -> None:
     chunks = [message("a", 5), message("b", 5), message("c", 1), message("d", 16)]
     task = buffered(RecordingBatches(slots=3, batch_size=8), *chunks)
     task._do_flush()
-    # A batch closes once it holds batch_size jobs; a chunk is never split.
-    assert task.batches == [["a", "b"], ["c", "d"]]
+    # A batch closes once it holds batch_size jobs; a chunk is split across batches.
+    assert task.batches == [["a", "b[0:3]"], ["b[3:5]", "c", "d[0:5]"], ["d[5:13]"]]
+    assert task._buffered_jobs() == 3  # d's last three wait for a free pool process
 
 
 def test_a_message_marked_alone_makes_a_batch_of_its_own() -> None:
@@ -95,7 +100,7 @@ def test_a_batch_that_could_not_store_is_given_back_after_a_doubling_pause(monke
     assert pauses == [1.0, 2.0, 4.0, 8.0, 16.0, 30.0, 30.0]
     ok = Delivered(id="m", _payload=((), jobs_to_kwargs([Job("j", b"x")]), {}))
     task.flush([ok])
-    submitted[-1]["callback"]("stored")
+    submitted[-1]["callback"](("stored", 0.01, False))
     assert ok.fate == "acked" and "m" not in task._tries
 
 
@@ -151,3 +156,172 @@ def test_low_work_is_not_starved_by_a_steady_stream_of_high_work() -> None:
     # One batch in eight starts with normal work, one with low: both within eight batches.
     assert "low" in batched and "normal" in batched
     assert batched.index("normal") < 4 and batched.index("low") < 8
+
+
+# --- messages split over batches, and batches cut to a time budget -------------------------
+
+
+class PoolStub:
+    """A pool that records each batch handed to it; the test finishes them in any order."""
+
+    def __init__(self) -> None:
+        self.batches: list[dict[str, Any]] = []
+
+    def apply_async(self, fn: Any, args: Any, **kwargs: Any) -> None:
+        self.batches.append({"requests": args[1][0], **kwargs})
+
+    def jobs(self, i: int) -> list[str]:
+        return [job["id"] for r in self.batches[i]["requests"] for job in r.kwargs["jobs"]]
+
+    def done(self, i: int, seconds: float = 0.01) -> None:
+        self.batches[i]["callback"](("stored", seconds, False))
+
+
+def pooled(monkeypatch: Any, slots: int, batch_size: int, budget_s: float = 0.0) -> Any:
+    from worker.batching import request_kwargs
+
+    def simple(request: Any) -> SimpleNamespace:
+        return SimpleNamespace(id=request.id, kwargs=request_kwargs(request))
+
+    monkeypatch.setattr("worker.batching.SimpleRequest.from_request", simple)
+    task = DynamicBatches()
+    task.pool_slots, task.flush_every, task.budget_s = slots, batch_size, budget_s
+    task._pool = pool = PoolStub()
+    task._timer = SimpleNamespace(call_after=lambda secs, fn: fn())
+    return task, pool
+
+
+def delivered(name: str, n_jobs: int, priority: str = "normal") -> Delivered:
+    jobs = [Job(f"{name}-{i}", b"x") for i in range(n_jobs)]
+    return Delivered(id=name, fate=None, _payload=((), jobs_to_kwargs(jobs), {}),
+                     delivery_info={"priority": PRIORITIES[priority]})  # fmt: skip
+
+
+def test_a_256_job_message_split_over_batches_is_answered_once_and_acked_once(
+    monkeypatch: Any,
+) -> None:
+    task, pool = pooled(monkeypatch, slots=2, batch_size=64)
+    bulk = delivered("bulk", 256)
+    acks: list[str] = []
+    bulk.acknowledge = lambda: acks.append("bulk")  # type: ignore[method-assign]
+    task._buffer.put_nowait(bulk)
+    task._do_flush()
+    assert [len(pool.jobs(i)) for i in range(len(pool.batches))] == [64, 64]
+    # Only the part that takes the message's last jobs strikes it off the ledger.
+    pool.done(1)
+    pool.done(0)
+    pool.done(2)
+    assert acks == []  # 64 jobs are still running: not acknowledged yet
+    pool.done(3)
+    assert acks == ["bulk"]
+    sent = [jid for i in range(4) for jid in pool.jobs(i)]
+    assert sorted(sent) == sorted(f"bulk-{i}" for i in range(256))  # each job once
+    settles = [r.settle for b in pool.batches for r in b["requests"]]
+    assert settles == [False, False, False, True]
+
+
+def test_a_failed_part_gives_the_whole_message_back_once_its_other_parts_finish(
+    monkeypatch: Any,
+) -> None:
+    task, pool = pooled(monkeypatch, slots=2, batch_size=64)
+    bulk = delivered("bulk", 256)
+    task._buffer.put_nowait(bulk)
+    task._do_flush()
+    pool.batches[0]["callback"](None)  # the batch function raised: the message goes back
+    assert bulk.fate is None  # its other part is still running
+    assert len(pool.batches) == 2  # and none of its jobs left waiting is started
+    pool.done(1)
+    assert bulk.fate == "requeued" and task._buffered_jobs() == 0
+
+
+def test_a_killed_pool_process_counts_a_death_against_its_part_only(monkeypatch: Any) -> None:
+    from billiard.einfo import ExceptionInfo
+    from billiard.exceptions import WorkerLostError
+
+    task, pool = pooled(monkeypatch, slots=2, batch_size=100)
+    deaths: list[list[str]] = []
+    task.on_worker_lost = deaths.append
+    bulk = delivered("bulk", 150)
+    task._buffer.put_nowait(bulk)
+    task._do_flush()
+    try:
+        raise WorkerLostError("killed")
+    except WorkerLostError:
+        pool.batches[1]["error_callback"](ExceptionInfo())
+    assert deaths == [[f"bulk-{i}" for i in range(100, 150)]]
+    pool.done(0)
+    assert bulk.fate == "requeued"
+
+
+def test_high_work_overtakes_a_long_bulk_message_at_a_batch_boundary(monkeypatch: Any) -> None:
+    task, pool = pooled(monkeypatch, slots=1, batch_size=64)
+    task._buffer.put_nowait(delivered("bulk", 256, "low"))
+    task._do_flush()
+    task._buffer.put_nowait(delivered("urgent", 1, "high"))
+    pool.done(0)  # the first bulk batch ends: the high job goes next, before bulk's rest
+    assert pool.jobs(1) == ["urgent-0"]
+    pool.done(1)
+    assert pool.jobs(2) == [f"bulk-{i}" for i in range(64, 128)]
+
+
+def test_prefetch_weighs_a_split_message_by_the_jobs_still_waiting() -> None:
+    from worker.transport import WeighedQoS
+
+    qos = WeighedQoS.__new__(WeighedQoS)
+    qos._weights, qos._jobs, qos._bytes = {"t": (256, 1000)}, 256, 1000
+    qos.started("t", 64)
+    assert (qos._jobs, qos._bytes) == (192, 1000)
+    qos.started("t", None)  # the last part: nothing of it waits any more
+    assert (qos._jobs, qos._bytes, qos._weights) == (0, 0, {})
+
+
+def test_batches_are_cut_to_the_budget_once_the_cost_is_known(monkeypatch: Any) -> None:
+    from worker.budget import kind_of
+
+    task, pool = pooled(monkeypatch, slots=1, batch_size=256, budget_s=0.025)
+    task._buffer.put_nowait(delivered("bulk", 256))
+    task._do_flush()
+    assert len(pool.jobs(0)) == 1  # a kind never measured: a batch of one teaches its cost
+    kind = kind_of(Job("x", b"x").to_wire())
+    # Each job costs 1 ms plus 2 ms a batch: the estimate converges to a 25 ms batch.
+    for i in range(40):
+        n = len(pool.jobs(i))
+        pool.done(i, seconds=0.002 + 0.001 * n)
+        if task._buffered_jobs() == 0:
+            break
+        task._buffer.put_nowait(delivered(f"more-{i}", 256))
+    sizes = [len(pool.jobs(i)) for i in range(len(pool.batches))]
+    assert sizes[-1] in (22, 23, 24), sizes
+    for i, n in enumerate(sizes[:-1]):
+        predicted = task.costs.per_job(kind, n)
+        assert predicted is not None and (n - 1) * 0.001 + 0.002 <= 0.025, (i, sizes)
+
+
+def test_a_cut_goes_past_the_budget_by_at_most_one_job() -> None:
+    from worker.budget import CostModel, Cut
+
+    costs = CostModel()
+    cheap, dear = ("m", "1", False, 10), ("m", "1", False, 23)
+    costs.observe({cheap: 64}, 64 * 0.0002)
+    costs.observe({dear: 1}, 0.045)  # a camera photo: 45 ms to decode
+    cut = Cut(costs, budget_s=0.025, most_jobs=256)
+    assert cut.fits(dear)  # the first job always goes in, whatever it costs
+    assert not cut.fits(cheap)  # and nothing after it once past the budget
+    cut = Cut(costs, budget_s=0.025, most_jobs=256)
+    taken = 0
+    while cut.fits(cheap):
+        taken += 1
+    assert taken == 125 and cut.seconds <= 0.025  # 125 x 0.2 ms
+    unknown = Cut(costs, budget_s=0.025, most_jobs=256)
+    assert unknown.fits(cheap) and not unknown.fits(("other", None, False, 10))
+
+
+def test_an_explained_job_and_a_big_image_are_kinds_of_their_own() -> None:
+    from worker.budget import kind_of
+
+    small = Job("a", b"x" * 300).to_wire()
+    photo = Job("b", b"x" * 4_000_000).to_wire()
+    explained = {**small, "explain": True}
+    assert len({kind_of(small), kind_of(photo), kind_of(explained)}) == 3
+    assert kind_of({"id": "c", "path": "/data/x.jpg"})[3] == "path"
+    assert kind_of("not a job") == (None, None, False, 0)
