@@ -5,7 +5,9 @@
 (c) Batchery online: single jobs from 64 concurrent submitters (and, as c1, one at a time
     on an idle worker: the latency of a lone job);
 (d) Batchery bulk: ``batchery classify`` over the files on disk;
-(e) the limit: the same model called in-process on the same decoded images, same batch size;
+(e) the limit: the same files read, decoded by the worker's decoder and forwarded in-process,
+    by as many processes and at the same batch size as the worker; (e0) the same model on
+    images decoded beforehand (the decode-free figure);
 (f) Ray Serve with ``@serve.batch`` over HTTP, when ray[serve] is installed;
 (g) Batchery over HTTP: the (c) clients, each request through ``batchery serve``;
 (x) the (c) images submitted at once with ``explain=True``, beside the same without;
@@ -31,6 +33,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import redis
@@ -339,10 +342,16 @@ def run_bulk(
         proc = subprocess.Popen(cmd, env={**env, "BATCHERY_REDIS_URL": url},
                                 stderr=errors, text=True, cwd=ROOT)  # fmt: skip
         peak = 0
-        while proc.poll() is None:
+        while True:
+            # wait4: the producer's own CPU (and its read-ahead processes'), not the bench's.
+            pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
+            if pid:
+                proc.returncode = os.waitstatus_to_exitcode(status)
+                break
             peak = max(peak, peak_rss(proc.pid))
             time.sleep(0.05)
     seconds = time.perf_counter() - started
+    cpu = usage.ru_utime + usage.ru_stime
     stderr = log.read_text(errors="replace")
     if proc.returncode != 0:
         raise RuntimeError(f"classify failed: {stderr[-2000:]}")
@@ -352,11 +361,13 @@ def run_bulk(
     if model is not None:
         name = f"(d') Batchery bulk, {model.meta['optimized']['method']} LiteRT {model.key}"
     return Row(name, rows, seconds,
-               note=f"incl. start-up; {summary.split(' in ')[-1]}"), peak  # fmt: skip
+               note=f"incl. start-up; {summary.split(' in ')[-1]}; producer CPU "
+               f"{cpu / max(1, rows) * 1e6:.0f} µs a job ({cpu:.1f} s in all, "
+               "start-up included)"), peak  # fmt: skip
 
 
 def run_mixed(client: Client, url: str, folder: Path, n: int, env: dict[str, str],
-              urgent: str, bulk_alone: Row) -> Row:  # fmt: skip
+              urgent: str, bulk_alone: Row, idle: Row) -> Row:  # fmt: skip
     """(m) a lone job every 50 ms at ``urgent`` priority while ``classify`` runs at its
     default (low) priority; (m0) with ``urgent`` normal, the bulk run is normal too."""
     out = folder.parent / f"mixed-{urgent}.jsonl"
@@ -381,7 +392,7 @@ def run_mixed(client: Client, url: str, folder: Path, n: int, env: dict[str, str
             else "(m0) the same, everything at normal priority")  # fmt: skip
     return Row(name, len(latencies), sum(latencies), latencies,
                note=f"bulk {rate:,.0f} img/s meanwhile, {rate / bulk_alone.rate:.0%} "
-               "of (d) alone")  # fmt: skip
+               f"of (d) alone; idle p99 {idle.percentile(99) or 0:.1f} ms (c1)")  # fmt: skip
 
 
 def run_limit(paths: list[Path], info: ModelInfo, batch_size: int, threads: int) -> Row:
@@ -395,10 +406,57 @@ def run_limit(paths: list[Path], info: ModelInfo, batch_size: int, threads: int)
     started = time.perf_counter()
     model.predict(inputs)
     seconds = time.perf_counter() - started
-    name = f"(e) the limit: in-process, batch {batch_size}, {threads} threads"
+    name = f"(e0) decode-free: in-process on decoded images, batch {batch_size}, {threads} threads"
     if info.format == "litert":
         name = f"(e') the limit, {info.meta['optimized']['method']} LiteRT, batch {batch_size}"
     return Row(name, len(paths), seconds)
+
+
+def _limit_process(paths: list[Path], info: ModelInfo, batch_size: int, threads: int,
+                   ready: Any, results: Any) -> None:  # fmt: skip
+    """One process of (e): load and warm the model, wait for the others, then read, decode
+    (the worker's decoder) and forward its share of the files, ``batch_size`` at a time."""
+    from worker import preprocess
+    from worker.models import load
+
+    model = load(info, batch_size, threads=threads)
+    warm = preprocess.decode(paths[0].read_bytes(), info, 1 << 30, 1 << 30)
+    model.predict(preprocess.normalize(np.stack([warm] * batch_size), info))
+    ready.wait()
+    started = time.perf_counter()
+    for i in range(0, len(paths), batch_size):
+        pixels = [preprocess.decode(p.read_bytes(), info, 1 << 30, 1 << 30)
+                  for p in paths[i : i + batch_size]]  # fmt: skip
+        model.predict(preprocess.normalize(np.stack(pixels), info))
+    results.put(time.perf_counter() - started)
+
+
+def run_limit_decoded(paths: list[Path], info: ModelInfo, batch_size: int,
+                      workers: int) -> Row:  # fmt: skip
+    """(e) the limit a worker is measured against: ``workers`` processes (as many threads
+    each as a worker's pool process has) reading each file, decoding it with the worker's
+    own decoder and forwarding ``batch_size`` at a time; no queue, no Redis."""
+    import multiprocessing
+
+    context = multiprocessing.get_context("spawn")  # no TensorFlow state forked
+    ready, results = context.Barrier(workers + 1), context.Queue()
+    threads = max(1, (os.cpu_count() or 1) // workers)
+    shares = [paths[k::workers] for k in range(workers)]
+    procs = [context.Process(target=_limit_process,
+                             args=(share, info, batch_size, threads, ready, results))
+             for share in shares]  # fmt: skip
+    for proc in procs:
+        proc.start()
+    ready.wait(timeout=600)
+    started = time.perf_counter()
+    seconds = [results.get(timeout=3600) for _ in procs]
+    wall = time.perf_counter() - started
+    for proc in procs:
+        proc.join()
+    name = (f"(e) the limit: read + decode + forward in-process, {workers} processes, "
+            f"batch {batch_size}")  # fmt: skip
+    return Row(name, len(paths), wall,
+               note=f"slowest process {max(seconds):.2f} s; the worker's decoder")  # fmt: skip
 
 
 def peak_rss(pid: int) -> int:
@@ -470,7 +528,8 @@ def run_bench(model: str, images: int, workers: int, chart: Path | None,
                 wait_ready(lambda: client.result(client.submit(paths[0]), timeout=300) is not None,
                            "batchery worker")  # fmt: skip
                 out("(c) ...")
-                rows.append(run_lone(client, paths, 200 if model == "reference" else 30))
+                idle = run_lone(client, paths, 200 if model == "reference" else 30)
+                rows.append(idle)
                 rows.append(run_online(client, medium, 64))
                 rows.append(run_explained(client, medium))
                 out("(g) ...")
@@ -486,13 +545,14 @@ def run_bench(model: str, images: int, workers: int, chart: Path | None,
                     rows.append(run_bulk(url, folder, images, env, fast)[0])
                 out("(m) ...")
                 for urgent in ("high", "normal"):
-                    rows.append(run_mixed(client, url, folder, images, env, urgent, bulk))
+                    rows.append(run_mixed(client, url, folder, images, env, urgent, bulk, idle))
                 client.close()
             finally:
                 worker.stop()
             bulk.note += (f"; peak RSS producer {producer_rss / 2**20:.0f} MiB, "
                           f"worker process {worker_rss / 2**20:.0f} MiB")  # fmt: skip
             out("(e) ...")
+            rows.append(run_limit_decoded(paths, info, batch, workers))
             rows.append(run_limit(medium, info, batch, threads=os.cpu_count() or 1))
             if fast is not None:
                 rows.append(run_limit(medium, fast, batch, threads=os.cpu_count() or 1))

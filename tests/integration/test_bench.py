@@ -15,6 +15,7 @@ from bench.run import (
     run_bulk,
     run_explained,
     run_limit,
+    run_limit_decoded,
     run_lone,
     run_mixed,
     run_online,
@@ -44,8 +45,12 @@ def test_every_way_answers_every_image(redis_server, worker, client: Client, ima
         run_online(client, images, 8),
     ]
     bulk, producer_rss = run_bulk(redis_server.url, images[0].parent.parent, len(images), {})
-    rows += [bulk, run_limit(images, info, 64, threads=1)]
-    assert [r.images for r in rows] == [10, 100, 10, 120, 120, 120]
+    rows += [bulk, run_limit(images, info, 64, threads=1), run_limit_decoded(images, info, 64, 2)]
+    assert [r.images for r in rows] == [10, 100, 10, 120, 120, 120, 120]
+    assert rows[-1].name.startswith("(e) the limit: read + decode + forward")
+    # The producer's CPU, read from its own rusage: a figure, not a constant.
+    cpu = float(bulk.note.split("producer CPU ")[1].split(" µs")[0])
+    assert 10 < cpu < 1_000_000, bulk.note
     assert all(r.seconds > 0 and r.rate > 0 for r in rows)
     assert len(rows[0].latencies or []) == 10 and len(rows[1].latencies or []) == 100
     assert 20_000_000 < producer_rss < 1_000_000_000
@@ -53,11 +58,12 @@ def test_every_way_answers_every_image(redis_server, worker, client: Client, ima
     explained = run_explained(client, images[:20])
     assert explained.images == 20 and "explaining costs" in explained.note
     mixed = run_mixed(client, redis_server.url, images[0].parent.parent, len(images), {},
-                      "high", bulk)  # fmt: skip
+                      "high", bulk, rows[2])  # fmt: skip
     assert mixed.name.startswith("(m)") and mixed.images >= 1 and "of (d) alone" in mixed.note
+    assert f"idle p99 {rows[2].percentile(99):.1f} ms" in mixed.note
     rows.append(mixed)
     text = table(rows, "reference", 1)
-    assert text.count("\n| (") == 7 and "| way | images | img/s | p50 ms | p99 ms |" in text
+    assert text.count("\n| (") == 8 and "| way | images | img/s | p50 ms | p99 ms |" in text
 
 
 def test_the_http_row_answers_every_image_through_a_gateway(redis_server, worker, images) -> None:
