@@ -10,6 +10,7 @@ from typing import Any, TextIO
 from producer.client import Client
 from producer.ledger import backlog_jobs
 from producer.settings import redact_url
+from producer.stopping import stop_on_signals
 from producer.wire import (
     DEAD_LETTER_KEY,
     HEARTBEAT_PREFIX,
@@ -115,17 +116,21 @@ def watch(client: Client, interval: float, as_json: bool = False, out: TextIO = 
     after the last, as text or one JSON object a line.
     """
     redraw = out.isatty() and not as_json
-    before, then = client.retrying(lambda: collect(client)), time.monotonic()
-    try:
-        while True:
-            time.sleep(interval)
-            status, now = client.retrying(lambda: collect(client)), time.monotonic()
-            shown = with_rates(status, before, now - then)
-            before, then = status, now
-            if as_json:
-                out.write(json.dumps(shown) + "\n")
-            else:
-                out.write(("\x1b[H\x1b[2J" if redraw else "\n") + render(shown) + "\n")
-            out.flush()
-    except KeyboardInterrupt:
-        pass
+    with stop_on_signals() as stop:
+        try:
+            before, then = client.retrying(lambda: collect(client)), time.monotonic()
+            # The flag, not only the exception: a Ctrl-C that lands in a finalizer is
+            # dropped by Python, and the loop must stop all the same (producer.stopping).
+            while not stop.wait(interval):
+                status, now = client.retrying(lambda: collect(client)), time.monotonic()
+                if stop.is_set():
+                    break
+                shown = with_rates(status, before, now - then)
+                before, then = status, now
+                if as_json:
+                    out.write(json.dumps(shown) + "\n")
+                else:
+                    out.write(("\x1b[H\x1b[2J" if redraw else "\n") + render(shown) + "\n")
+                out.flush()
+        except KeyboardInterrupt:
+            pass

@@ -191,6 +191,21 @@ def test_status_watch_shows_live_rates_until_interrupted(ops: OpsWorker) -> None
     assert frames[-1]["done"] >= frames[0]["done"] + 100
 
 
+def test_status_watch_stops_on_the_first_ctrl_c_wherever_it_lands(ops: OpsWorker) -> None:
+    """Ctrl-C at many moments: while Python starts, while it connects, mid-reading, asleep."""
+    for delay in (0.05, 0.3, 0.6, 0.9, 1.2, 1.31, 1.45, 1.6, 2.0, 2.5):
+        watch = run_cli(ops.url, "status", "--watch", "0.05", "--json")
+        time.sleep(delay)
+        watch.send_signal(signal.SIGINT)
+        try:
+            watch.communicate(timeout=10)
+        except subprocess.TimeoutExpired:
+            watch.kill()
+            pytest.fail(f"status --watch went on after a Ctrl-C {delay} s after its start")
+        # 0: stopped by its own handler; 130 or -SIGINT: interrupted before it was set up.
+        assert watch.returncode in (0, 130, -signal.SIGINT), (delay, watch.returncode)
+
+
 def test_status_here_is_the_containers_healthcheck(ops: OpsWorker) -> None:
     healthy = run_cli(ops.url, "status", "--here")
     assert healthy.wait(timeout=60) == 0

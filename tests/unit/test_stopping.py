@@ -1,0 +1,46 @@
+"""A long-running command stops on the first Ctrl-C, even one Python drops in a finalizer."""
+
+from __future__ import annotations
+
+import io
+import os
+import signal
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+
+from producer import status
+from producer.stopping import stop_on_signals
+
+
+class InterruptedWhileCollected:
+    """An object whose finalizer receives the Ctrl-C: Python prints the KeyboardInterrupt
+    raised there as "Exception ignored" and goes on."""
+
+    def __del__(self) -> None:
+        os.kill(os.getpid(), signal.SIGINT)
+        for _ in range(1000):  # the handler runs between bytecodes, here
+            pass
+
+
+def reading(*_: Any) -> dict[str, Any]:
+    InterruptedWhileCollected()  # collected at once: the interrupt lands in its __del__
+    return {"done": 0, "failed": 0, "batches": 0}
+
+
+def test_a_ctrl_c_dropped_in_a_finalizer_still_sets_the_flag() -> None:
+    with stop_on_signals() as stop:
+        reading()
+        assert stop.is_set()
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # given back
+
+
+@pytest.mark.timeout(10)
+def test_status_watch_stops_on_a_ctrl_c_python_dropped(monkeypatch) -> None:
+    monkeypatch.setattr(status, "collect", reading)
+    monkeypatch.setattr(status, "render", lambda shown: "")
+    client = SimpleNamespace(retrying=lambda call: call())
+    out = io.StringIO()
+    status.watch(client, 0.01, as_json=True, out=out)  # type: ignore[arg-type]
+    assert out.getvalue() == ""  # stopped before a second reading was shown
