@@ -131,7 +131,6 @@ def test_replica_acks_leave_wait_room_to_finish() -> None:
 
 
 def test_the_worker_app_uses_the_sentinels_for_broker_and_results() -> None:
-    pytest.importorskip("celery")
     from celery.backends.redis import SentinelBackend
 
     from worker.app import create_app

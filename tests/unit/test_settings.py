@@ -97,7 +97,6 @@ def test_task_events_are_on_unless_turned_off() -> None:
     assert Settings.from_env({"BATCHERY_TASK_EVENTS": "0"}).task_events is False
     with pytest.raises(ConfigError, match="use 1 or 0"):
         Settings.from_env({"BATCHERY_TASK_EVENTS": "sometimes"})
-    pytest.importorskip("celery")
     from worker.app import create_app
 
     assert create_app(Settings(task_events=False)).conf.worker_send_task_events is False
