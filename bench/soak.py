@@ -152,18 +152,24 @@ def run(jobs: int, minutes: float, kill_every: float, redis_every: float, seed: 
     lost = [j for j in tally.submitted if j not in tally.answered]
     latencies = np.array([tally.answered[j] - tally.submitted[j] for j in tally.answered])
     twice = int(stats.get(b"computed_twice", 0))
+    # Answered once: the workers counted exactly one stored answer per job sent (a second
+    # answer is discarded and counted as computed twice, never as done).
+    counted = int(stats.get(b"done", 0)) + int(stats.get(b"failed", 0))
+    once = counted == len(tally.submitted)
     counts: dict[str, int] = {}
     for what in tally.breaks:
         counts[what] = counts.get(what, 0) + 1
     print(f"jobs {len(tally.submitted)}, answered {len(tally.answered)}, lost {len(lost)}, "
-          f"failed {len(tally.failed)}, computed twice {twice} (answered once)")  # fmt: skip
+          f"failed {len(tally.failed)}, answers counted {counted} "
+          f"({'answered once' if once else 'NOT answered once'}), computed twice {twice} "
+          "(the second answer discarded)")  # fmt: skip
     print("breaks: " + ", ".join(f"{n} {what}" for what, n in counts.items()))
     if len(latencies):
         print(f"latency p50 {np.percentile(latencies, 50) * 1000:.0f} ms, "
               f"p99 {np.percentile(latencies, 99) * 1000:.0f} ms, "
               f"max {latencies.max():.1f} s")  # fmt: skip
     print(f"longest recovery (no answer while jobs were waiting): {tally.longest_stall_s:.1f} s")
-    return 1 if lost or tally.failed else 0
+    return 1 if lost or tally.failed or not once else 0
 
 
 def main(argv: list[str] | None = None) -> int:
