@@ -10,10 +10,12 @@ import io
 import os
 import stat
 import struct
+import zlib
 from collections.abc import Sequence
-from typing import Any, TypeAlias
+from typing import Any, NamedTuple, TypeAlias
 
 import numpy as np
+import pyspng
 from PIL import Image
 
 from producer.errors import ImageTooLargeError, InvalidImageError, UnsupportedFormatError
@@ -222,8 +224,10 @@ _STRUCTURE = {
 
 
 _FORMATS = sorted(ALLOWED_FORMATS)
-#: Modes Pillow resizes with any filter; others are converted (to RGB or RGBA) first.
-_RESIZABLE = frozenset({"L", "LA", "RGB", "RGBA", "I", "F"})
+#: Modes Pillow resizes with any filter; others are converted (to RGB or RGBA) first. RGBX:
+#: an RGB PNG decoded by libspng, shared with Pillow without a copy (4 bytes a pixel, alpha
+#: unused: Pillow's own layout for RGB).
+_RESIZABLE = frozenset({"L", "LA", "RGB", "RGBA", "RGBX", "I", "F"})
 
 
 def decode_to_size(
@@ -233,18 +237,36 @@ def decode_to_size(
     that input sees; :class:`InvalidImageError` if it is not an image within the limits.
 
     Size, format, pixel count and completeness are checked from the file's structure before
-    any pixel is decoded, then Pillow checks the pixel count once more on its own reading of
-    the header: a hostile input costs at most ``max_bytes`` in and ``max_pixels`` decoded.
+    any pixel is decoded: a hostile input costs at most ``max_bytes`` in and ``max_pixels``
+    decoded. A PNG is decoded by libspng (``pyspng``: a quarter of Pillow's time on a 28x28
+    digit, whose cost is mostly per file), from the very IHDR the checks read; a PNG
+    libspng refuses, and every other format, by Pillow, which checks the pixel count once
+    more on its own reading of the header. Both decoders give the same pixels (the tests
+    compare every PNG colour type and bit depth): 16-bit samples keep their high byte
+    (``v >> 8``), and a tRNS colour key on a grey or RGB PNG makes its pixels transparent.
     Only what the model needs is decoded: a JPEG at the smallest DCT scale still at least
     ``size`` (Pillow's ``draft``: a 4000x3000 photo for a 224x224 model decodes at 500x375,
     a 64th of the pixels), other formats reduced by whole factors (``reduce``) before the
     final resize. The image is brought to ``size`` in its own mode before any conversion,
-    so decoding peaks near its decoded size (up to 4 bytes a pixel, for RGBA) instead of
-    several copies of it. The worker runs this on every job; ``classify --shrink`` runs the
-    same on the producer, so a shrunk image gives the worker the very same pixels.
+    so decoding peaks near its decoded size (up to 4 bytes a pixel, for RGB and RGBA; a
+    16-bit PNG a few times more, decoded at 16 bits) instead of several copies of it.
+    Transparent pixels become black. The worker runs this on every job; ``classify
+    --shrink`` runs the same on the producer, so a shrunk image gives the worker the very
+    same pixels. A decoder's error is ``cannot decode image: <Pillow's reason>``, whichever
+    decoder met it first.
     """
-    check_image_bytes(data, "image", max_bytes, max_pixels)
-    width, height = size
+    fmt = check_image_bytes(data, "image", max_bytes, max_pixels)
+    if fmt == "PNG":
+        try:
+            return _decode_png_spng(data, size, mode)
+        except _SpngRefused:
+            pass  # Pillow decides: it decodes the file, or says why not
+    return _decode_pillow(data, size, mode, max_pixels)
+
+
+def _decode_pillow(data: bytes, size: tuple[int, int], mode: str, max_pixels: int
+                   ) -> Image.Image:  # fmt: skip
+    """:func:`decode_to_size`'s decoding by Pillow, once the bytes are checked."""
     try:
         with Image.open(io.BytesIO(data), formats=_FORMATS) as img:
             pixels = img.size[0] * img.size[1]
@@ -253,18 +275,11 @@ def decode_to_size(
                     f"image is {img.size[0]}x{img.size[1]} = {pixels} pixels, "
                     f"over the limit of {max_pixels}"
                 )
-            if img.size != (width, height):
-                img.draft(mode, (width, height))  # JPEG: the decoder itself scales down
+            if img.size != size:
+                img.draft(mode, size)  # JPEG: the decoder itself scales down
             img.load()
-            small: Image.Image = img
-            if img.size != (width, height):
-                if img.mode not in _RESIZABLE:
-                    small = small.convert("RGBA" if _transparent(img) else "RGB")
-                # reducing_gap: whole-factor box reduction first (Pillow's reduce), then the
-                # filter on what is left. RGBA and LA are resized premultiplied: composing
-                # over black afterwards gives what composing first would, on far fewer pixels.
-                small = small.resize((width, height), Image.Resampling.BILINEAR, reducing_gap=3.0)
-            converted = _to_mode(small, mode)
+            decoded = _pillow_png(img, data) if img.format == "PNG" else img
+            converted = _fit(decoded, size, mode)
             # Closing the file closes the image opened from it: hand back one of its own.
             return converted.copy() if converted is img else converted
     except InvalidImageError:
@@ -275,8 +290,237 @@ def decode_to_size(
         raise InvalidImageError(
             f"cannot decode image: not one of {', '.join(sorted(ALLOWED_FORMATS))}"
         ) from exc
-    except (OSError, ValueError, SyntaxError, EOFError) as exc:
+    except (OSError, ValueError, SyntaxError, EOFError, struct.error) as exc:
         raise InvalidImageError(f"cannot decode image: {exc}") from exc
+
+
+def _fit(img: Image.Image, size: tuple[int, int], mode: str) -> Image.Image:
+    """A decoded image brought to ``size`` in ``mode``: both decoders' last steps."""
+    small = img
+    if img.size != size:
+        if img.mode not in _RESIZABLE:
+            small = small.convert("RGBA" if _transparent(img) else "RGB")
+        # reducing_gap: whole-factor box reduction first (Pillow's reduce), then the filter
+        # on what is left. RGBA and LA are resized premultiplied: composing over black
+        # afterwards gives what composing first would, on far fewer pixels.
+        small = small.resize(size, Image.Resampling.BILINEAR, reducing_gap=3.0)
+    return _to_mode(small, mode)
+
+
+class _SpngRefused(Exception):
+    """libspng cannot decode this PNG (or its chunks do not add up): Pillow decides."""
+
+
+class _PngChunks(NamedTuple):
+    """What the PNG's chunks before its first IDAT say about its pixels."""
+
+    bit_depth: int
+    colour_type: int  # 0 grey, 2 RGB, 3 palette, 4 grey and alpha, 6 RGBA
+    palette: tuple[int, int] | None  # where the PLTE chunk starts and ends in the file
+    trns: bytes | None  # the tRNS chunk's contents
+
+
+def _png_chunks(data: bytes, whole: bool = True) -> _PngChunks:
+    """IHDR, PLTE and tRNS of a PNG, read from its chunks before the first IDAT;
+    :class:`ValueError` if they do not add up.
+
+    ``whole``: every chunk up to IEND is read, its CRC checked, and a repeated or misplaced
+    one refused. libspng, as pyspng calls it, checks neither CRCs nor zlib's checksum, where
+    Pillow, with zlib, refuses a corrupted file: the CRCs (a millisecond for 10 MB) make the
+    libspng path refuse what Pillow would. Otherwise the chunks are read as far as the first
+    IDAT, and as Pillow has read them already, unchecked.
+    """
+    ihdr = palette = trns = None
+    idat = False
+    view = memoryview(data)
+    at = 8
+    while True:
+        length, kind = struct.unpack_from(">I4s", data, at)
+        end = at + 12 + length
+        if end > len(data):
+            raise ValueError(f"{kind!r} chunk runs past the end of the file")
+        if not whole and kind == b"IDAT":
+            idat = True
+            break
+        (crc,) = struct.unpack_from(">I", data, end - 4)
+        if whole and zlib.crc32(view[at + 4 : end - 4]) != crc:
+            raise ValueError(f"bad CRC in the {kind!r} chunk")
+        if kind == b"IEND":
+            break
+        if kind == b"IDAT":
+            idat = True
+        elif kind == b"IHDR" and ihdr is None and at == 8 and length == 13:
+            ihdr = data[at + 8 : end - 4]
+        elif kind == b"PLTE" and palette is None and not idat:
+            palette = (at, end)
+        elif kind == b"tRNS" and trns is None and not idat:
+            trns = data[at + 8 : end - 4]
+        elif whole and kind in (b"IHDR", b"PLTE", b"tRNS"):
+            raise ValueError(f"misplaced or repeated {kind!r} chunk")
+        at = end
+    if not idat:
+        raise ValueError("no IDAT chunk")
+    if ihdr is None:
+        raise ValueError("no IHDR chunk")
+    if ihdr[8] not in _PNG_DEPTHS.get(ihdr[9], ()):
+        raise ValueError(f"bit depth {ihdr[8]} with colour type {ihdr[9]}")
+    return _PngChunks(ihdr[8], ihdr[9], palette, trns)
+
+
+#: The bit depths the PNG spec allows for each colour type.
+_PNG_DEPTHS = {0: (1, 2, 4, 8, 16), 2: (8, 16), 3: (1, 2, 4, 8), 4: (8, 16), 6: (8, 16)}
+
+
+def _trns_key(png: _PngChunks) -> tuple[int, ...] | None:
+    """The tRNS colour key of a grey or RGB PNG, in sample values (each masked to the bit
+    depth, as the PNG spec says); None if it has none. ValueError if the chunk is short."""
+    if png.trns is None or png.colour_type not in (0, 2):
+        return None
+    channels = 1 if png.colour_type == 0 else 3
+    if len(png.trns) < 2 * channels:
+        raise ValueError("truncated tRNS chunk")
+    mask = (1 << png.bit_depth) - 1
+    return tuple(v & mask for v in struct.unpack(f">{channels}H", png.trns[: 2 * channels]))
+
+
+def _keyed(pixels: np.ndarray, samples: np.ndarray, key: tuple[int, ...] | None
+           ) -> Image.Image:  # fmt: skip
+    """Grey (HxW) or RGB (HxWx3) 8-bit ``pixels`` as an image, with an alpha channel that is
+    0 where ``samples`` (the same pixels as the PNG stores them) equal the tRNS ``key``."""
+    if key is None:
+        return _shared(pixels, "L") if pixels.ndim == 2 else Image.fromarray(pixels)
+    if samples.ndim == 2:
+        opaque = samples != key[0]
+    else:
+        opaque = (samples != np.array(key, samples.dtype)).any(axis=2)
+    return Image.fromarray(np.dstack([pixels, opaque.astype(np.uint8) * np.uint8(255)]))
+
+
+def _grey_key(png: _PngChunks) -> tuple[int, ...] | None:
+    """A grey PNG's key as a value of its 8-bit pixels (1, 2 and 4 bits are scaled up)."""
+    key = _trns_key(png)
+    if key is None or png.bit_depth >= 8:
+        return key
+    return (key[0] * (255 // ((1 << png.bit_depth) - 1)),)
+
+
+def _decode_png_spng(data: bytes, size: tuple[int, int], mode: str) -> Image.Image:
+    """:func:`decode_to_size`'s decoding of a checked PNG by libspng; :class:`_SpngRefused`
+    for what libspng refuses."""
+    try:
+        png = _png_chunks(data)
+        key = _grey_key(png) if png.colour_type == 0 else _trns_key(png)
+        if png.colour_type == 0 and png.bit_depth == 16:
+            grey = _spng16(data)[:, :, 0]  # libspng's only 16-bit grey output: grey, alpha
+            img = _keyed((grey >> 8).astype(np.uint8), grey, key)
+        elif png.colour_type == 0:
+            grey = _spng(data, "L")
+            img = _keyed(grey, grey, key)
+        elif png.colour_type == 3:
+            img = _spng_palette(data, png)
+        elif png.colour_type == 2 and key is not None and png.bit_depth == 16:
+            rgb = _spng16(data)[:, :, :3]  # RGBA at 16 bits: the key is a 16-bit colour
+            img = _keyed((rgb >> 8).astype(np.uint8), rgb, key)
+        else:
+            rgba = _spng(data, "RGBA")  # 16 bits: the high byte, as Pillow reads them
+            if png.colour_type != 2:  # grey and alpha (RGBA with R = G = B), RGBA
+                img = _shared(rgba, "RGBA")
+            elif key is not None:
+                img = _keyed(rgba[:, :, :3], rgba[:, :, :3], key)
+            else:  # RGB in Pillow's own layout (4 bytes a pixel): no copy
+                img = _shared(rgba, "RGBX")
+        return _fit(img, size, mode)
+    except (ValueError, OSError, struct.error) as exc:  # Pillow's on odd palettes, ours
+        raise _SpngRefused(str(exc)) from exc
+
+
+def _shared(pixels: np.ndarray, mode: str) -> Image.Image:
+    """A uint8 array as an image sharing its memory (``L``: HxW; ``RGBA`` and ``RGBX``:
+    HxWx4), without ``Image.fromarray``'s inspection (a tenth of a 28x28 PNG's
+    decode_to_size)."""
+    height, width = pixels.shape[:2]
+    contiguous = np.ascontiguousarray(pixels)
+    return Image.frombuffer(mode, (width, height), contiguous, "raw", mode, 0, 1)
+
+
+def _spng(data: bytes, fmt: str) -> np.ndarray:
+    """``pyspng.load`` to 8-bit ``fmt``, with whatever it raises made :class:`_SpngRefused`."""
+    try:
+        pixels = pyspng.load(data, fmt)
+    except Exception as exc:  # a C++ runtime_error, MemoryError, ...: Pillow decides
+        raise _SpngRefused(str(exc)) from exc
+    if pixels.dtype != np.uint8 or pixels.ndim != (2 if fmt == "L" else 3):
+        raise _SpngRefused(f"pyspng gave {pixels.dtype} {pixels.shape} for {fmt}")
+    return pixels
+
+
+def _spng16(data: bytes) -> np.ndarray:
+    """A 16-bit grey or RGB PNG by ``pyspng.load`` in its own format: grey and alpha, or
+    RGBA, at 16 bits (HxWxC); :class:`_SpngRefused` as :func:`_spng`."""
+    try:
+        pixels = pyspng.load(data)
+    except Exception as exc:
+        raise _SpngRefused(str(exc)) from exc
+    if pixels.dtype != np.uint16 or pixels.ndim != 3:
+        raise _SpngRefused(f"pyspng gave {pixels.dtype} {pixels.shape} for a 16-bit PNG")
+    return pixels
+
+
+def _spng_palette(data: bytes, png: _PngChunks) -> Image.Image:
+    """A palette PNG as the ``P`` image Pillow reads: libspng decodes it with a palette of
+    ``i -> (i, i, i)`` in place of its own, which gives each pixel's index (pyspng has no
+    output of indices, nor of the palette's tRNS alphas). The checks libspng would make of
+    the palette it no longer sees are made here."""
+    if png.palette is None:
+        raise _SpngRefused("no PLTE chunk")
+    start, end = png.palette
+    colours = data[start + 8 : end - 4]
+    count = len(colours) // 3
+    if len(colours) % 3 or not 0 < count <= 1 << png.bit_depth:
+        raise _SpngRefused(f"a PLTE chunk of {len(colours)} bytes")
+    if png.trns is not None and len(png.trns) > count:
+        raise _SpngRefused("more tRNS entries than colours")
+    entries = np.repeat(np.arange(1 << png.bit_depth, dtype=np.uint8), 3).tobytes()
+    plte = b"PLTE" + entries
+    chunk = struct.pack(">I", len(entries)) + plte + struct.pack(">I", zlib.crc32(plte))
+    indices = _spng(data[:start] + chunk + data[end:], "RGB")[:, :, 0]
+    img = Image.fromarray(np.ascontiguousarray(indices))
+    img.putpalette(colours, "RGB")
+    if png.trns is not None:
+        img.info["transparency"] = png.trns  # an alpha per index, as Pillow keeps them
+    return img
+
+
+def _pillow_png(img: Image.Image, data: bytes) -> Image.Image:
+    """A PNG as Pillow decoded it, made what libspng gives: 16-bit grey (Pillow's ``I;16``,
+    which ``convert("L")`` would clip) scaled to 8 bits, and a tRNS colour key on a grey or
+    RGB PNG (which Pillow's conversions ignore) made an alpha channel."""
+    if img.mode not in ("I", "I;16") and (
+        img.mode not in ("1", "L", "RGB") or "transparency" not in img.info
+    ):
+        return img  # Pillow notes a tRNS chunk in info; we read its key ourselves
+    png = _png_chunks(data, whole=False)
+    if img.mode in ("I", "I;16"):  # 16-bit grey (older Pillows read it as I)
+        grey16 = np.asarray(img)
+        return _keyed((grey16 >> 8).astype(np.uint8), grey16, _trns_key(png))
+    if png.colour_type == 0:
+        key = _grey_key(png)
+        if key is None:
+            return img
+        grey = np.asarray(img.convert("L"))  # 1 bit: 0 and 255
+        return _keyed(grey, grey, key)
+    key = _trns_key(png)
+    if key is None:
+        return img
+    rgb = np.asarray(img)
+    if png.bit_depth != 16:
+        return _keyed(rgb, rgb, key)
+    # Pillow keeps the high byte of 16-bit RGB: the low one, for the key, by decoding again.
+    with Image.open(io.BytesIO(data), formats=["PNG"]) as low:
+        low.tile = [tile._replace(args="RGB;16L") for tile in low.tile]
+        low.load()
+        samples = (rgb.astype(np.uint16) << 8) | np.asarray(low)
+    return _keyed(rgb, samples, key)
 
 
 def shrink(data: bytes, size: tuple[int, int], mode: str, max_bytes: int, max_pixels: int
