@@ -223,22 +223,60 @@ def test_a_lone_job_never_waits_for_a_batch_to_fill(client) -> None:
     assert times[5] < 0.1 and times[-1] < 0.25
 
 
-def test_prefetch_is_counted_in_jobs_not_messages(client) -> None:
-    """With 256-job messages queued, a worker holds one waiting at a time at PREFETCH_JOBS=64;
-    with one-job messages, never more than 64 waiting, besides the two batches running (of
-    up to 16 jobs, one job a message)."""
-    ids = client.submit_many([GOOD] * 3000)
-    with Client(settings=replace(client.settings, chunk_size=1)) as singles:
-        ids += singles.submit_many([GOOD] * 600)
+def drain_peak(client: Client) -> int:
+    """The most messages the worker held unacknowledged while the queue drained."""
     peak = 0
     deadline = time.monotonic() + 120
     while client.redis.llen(QUEUE) and time.monotonic() < deadline:
         peak = max(peak, client.redis.hlen(UNACKED_KEY))
         time.sleep(0.002)
+    return peak
+
+
+def test_prefetch_is_counted_in_jobs_not_messages(client) -> None:
+    """256-job messages: the worker takes another only while fewer than PREFETCH_JOBS (64)
+    of its jobs wait for a pool process. A message may span batches, so what it holds is
+    the message still being cut (under 64 jobs left), the one taken after it, and at most
+    one more whose last part still runs: 3 messages. Stock kombu counts messages
+    (worker_prefetch_multiplier x concurrency = 64 of them) and would take all 12.
+    One-job messages: never more than 64 waiting, besides the two batches running (of up
+    to 16 jobs, one job a message)."""
+    ids = client.submit_many([GOOD] * 3000)  # 12 messages
+    bulk_peak = drain_peak(client)
     results = client.results(ids, timeout=60)
     assert all(r["status"] == "SUCCESS" for r in results)
-    print(f"\nmost messages held at once: {peak}")
-    assert 1 <= peak <= PREFETCH_JOBS + 2 * 16 + 1
+    with Client(settings=replace(client.settings, chunk_size=1)) as singles:
+        ids = singles.submit_many([GOOD] * 600)
+    single_peak = drain_peak(client)
+    results = client.results(ids, timeout=60)
+    assert all(r["status"] == "SUCCESS" for r in results)
+    print(f"\nmost messages held at once: {bulk_peak} of 256 jobs, {single_peak} of one")
+    assert 1 <= bulk_peak <= 3
+    assert 1 <= single_peak <= PREFETCH_JOBS + 2 * 16 + 1
+
+
+def test_prefetch_is_bounded_in_bytes_too(redis_server, registry) -> None:
+    """BATCHERY_PREFETCH_BYTES below one message's size, with no job limit to speak of: the
+    worker takes another message only once the bytes of those waiting are under the limit
+    (a message counts until its last part leaves): 3 messages held at most, as for jobs.
+    Without it, the job limit (10,000) would let it take all 12."""
+    queue = "bytes-bound"
+    env = {"BATCHERY_QUEUE": queue, "BATCHERY_MODEL_DIR": str(registry.root),
+           "BATCHERY_PREFETCH_JOBS": "10000", "BATCHERY_PREFETCH_BYTES": "100000"}  # fmt: skip
+    settings = Settings(redis_url=redis_server.url, queue=queue, model_dir=registry.root)
+    with WorkerProcess(redis_server.url, "--concurrency", "2", "--batch-size", "16",
+                       env=env) as proc, Client(settings=settings) as client:  # fmt: skip
+        wait_until_serving(client, proc)
+        ids = client.submit_many([GOOD] * 3000)  # 12 messages of about 140 KB
+        peak = 0
+        deadline = time.monotonic() + 120
+        while client.redis.llen(queue) and time.monotonic() < deadline:
+            peak = max(peak, client.redis.hlen(UNACKED_KEY))
+            time.sleep(0.002)
+        results = client.results(ids, timeout=60)
+    assert all(r["status"] == "SUCCESS" for r in results)
+    print(f"\nmost messages held at once, 100 KB prefetch: {peak}")
+    assert 1 <= peak <= 3
 
 
 def test_a_message_over_the_byte_limit_is_dropped_unread(client, worker) -> None:
