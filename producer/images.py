@@ -173,7 +173,9 @@ def _jpeg_structure(data: bytes) -> tuple[int, int]:
                 raise ValueError("no frame header before the scan")
             # Inside the scan an FF byte is always followed by 00 or a restart marker, so the
             # first FF D9 after it is the end-of-image marker: a file without it is cut short.
-            if data.find(b"\xff\xd9", i + 2 + length) < 0:
+            # Looked for from the end (rfind): whether there is one is the same answer, and
+            # in a whole file it is the last two bytes, not 3 MB of scan away (2.3 ms).
+            if data.rfind(b"\xff\xd9", i + 2 + length) < 0:
                 raise _Truncated("no end-of-image marker")
             return size
         i += 2 + length
