@@ -322,7 +322,7 @@ def run_lone(client: Client, paths: list[Path], n: int = 200) -> Row:
 
 def run_bulk(
     url: str, folder: Path, n: int, env: dict[str, str], model: ModelInfo | None = None,
-    flags: tuple[str, ...] = (),
+    flags: tuple[str, ...] = (), cwd: Path = ROOT,
 ) -> tuple[Row, int]:  # fmt: skip
     """(d) `batchery classify` over the files; returns the row and the producer's peak RSS.
 
@@ -340,7 +340,7 @@ def run_bulk(
     started = time.perf_counter()
     with log.open("w") as errors:
         proc = subprocess.Popen(cmd, env={**env, "BATCHERY_REDIS_URL": url},
-                                stderr=errors, text=True, cwd=ROOT)  # fmt: skip
+                                stderr=errors, text=True, cwd=cwd)  # fmt: skip
         peak = 0
         while True:
             # wait4: the producer's own CPU (and its read-ahead processes'), not the bench's.
