@@ -153,9 +153,10 @@ def test_low_work_is_not_starved_by_a_steady_stream_of_high_work() -> None:
         task._busy = 0
         task._do_flush()
     batched = [b[0] for b in task.batches]
-    # One batch in eight starts with normal work, one with low: both within eight batches.
-    assert "low" in batched and "normal" in batched
-    assert batched.index("normal") < 4 and batched.index("low") < 8
+    # One batch in eight starts with normal work, one with low (worker.batching.BATCH_SHARE):
+    # counted from 1, batch 3 takes normal first and batch 7 low first, the rest high.
+    assert batched == ["high-0", "high-1", "normal", "high-2", "high-3", "high-4", "low",
+                       "high-5"]  # fmt: skip
 
 
 # --- messages split over batches, and batches cut to a time budget -------------------------
@@ -325,3 +326,73 @@ def test_an_explained_job_and_a_big_image_are_kinds_of_their_own() -> None:
     assert len({kind_of(small), kind_of(photo), kind_of(explained)}) == 3
     assert kind_of({"id": "c", "path": "/data/x.jpg"})[3] == "path"
     assert kind_of("not a job") == (None, None, False, 0)
+
+
+# --- the one-in-eight share, poll by poll and batch by batch --------------------------------
+
+
+def test_one_poll_in_eight_reads_normal_first_and_one_low_first() -> None:
+    from worker.transport import HIGH, LOW, NORMAL, Channel
+
+    channel = Channel.__new__(Channel)  # take_order needs no connection
+    firsts = [channel.take_order()[0] for _ in range(24)]
+    # Counted from 1: poll 3 of every eight reads normal first, poll 7 low first.
+    assert [i + 1 for i, first in enumerate(firsts) if first == NORMAL] == [3, 11, 19]
+    assert [i + 1 for i, first in enumerate(firsts) if first == LOW] == [7, 15, 23]
+    for start in range(len(firsts) - 7):  # any eight polls in a row
+        window = firsts[start : start + 8]
+        assert (window.count(HIGH), window.count(NORMAL), window.count(LOW)) == (6, 1, 1)
+
+
+def test_each_poll_asks_redis_for_the_lists_in_its_take_order() -> None:
+    from worker.transport import Channel
+
+    sent: list[tuple[Any, ...]] = []
+    connection = SimpleNamespace(send_command=lambda *args: sent.append(args))
+    channel = Channel.__new__(Channel)
+    channel._active_queues, channel.active_fanout_queues = ["batchery"], set()
+    channel._queue_cycle = SimpleNamespace(consume=lambda n: ["batchery"])
+    channel.client = SimpleNamespace(connection=connection)
+    channel.global_keyprefix = ""
+    for _ in range(8):
+        channel._brpop_start(timeout=1)
+    high, normal, low, stock = (
+        "batchery\x06\x163",
+        "batchery",
+        "batchery\x06\x166",
+        "batchery\x06\x169",
+    )
+    assert [args[1:-1] for args in sent] == (
+        [(high, normal, low, stock)] * 2 + [(normal, low, stock, high)]
+        + [(high, normal, low, stock)] * 3 + [(low, stock, normal, high)]
+        + [(high, normal, low, stock)]
+    )  # fmt: skip
+    assert all(args[0] == "BRPOP" and args[-1] == 1 for args in sent)
+
+
+def test_one_batch_in_eight_starts_with_normal_work_and_one_with_low() -> None:
+    # Every priority always waiting: over 24 batches, which priority each one took.
+    task = RecordingBatches(slots=1, batch_size=1)
+    for i in range(24):
+        for level in ("high", "normal", "low"):
+            task._buffer.put_nowait(prioritized(f"{level}-{i}", 1, level))
+    for _ in range(24):
+        task._busy = 0
+        task._do_flush()
+    levels = [batch[0].split("-")[0] for batch in task.batches]
+    assert [i + 1 for i, level in enumerate(levels) if level == "normal"] == [3, 11, 19]
+    assert [i + 1 for i, level in enumerate(levels) if level == "low"] == [7, 15, 23]
+    for start in range(len(levels) - 7):
+        window = levels[start : start + 8]
+        assert (window.count("high"), window.count("normal"), window.count("low")) == (6, 1, 1)
+
+
+def test_a_batch_whose_turn_is_lower_work_takes_high_work_when_none_waits() -> None:
+    # The share is "when some is waiting": with only high work, every batch is high work.
+    task = RecordingBatches(slots=1, batch_size=1)
+    for i in range(8):
+        task._buffer.put_nowait(prioritized(f"high-{i}", 1, "high"))
+    for _ in range(8):
+        task._busy = 0
+        task._do_flush()
+    assert [b[0] for b in task.batches] == [f"high-{i}" for i in range(8)]
