@@ -22,7 +22,7 @@ import time
 from collections import Counter, OrderedDict, deque
 from collections.abc import Callable, Generator, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from itertools import islice
 from pathlib import Path
 from typing import IO, Any
@@ -30,10 +30,10 @@ from typing import IO, Any
 import numpy as np
 from tqdm import tqdm
 
-from producer.client import MAX_PUSH_BYTES, Client
+from producer.client import MAX_PUSH_BYTES, Client, read_image_file
 from producer.errors import BatcheryError, ImageTooLargeError, InvalidImageError
-from producer.images import IMAGE_EXTENSIONS, check_image_bytes, read_file, shrink
-from producer.wire import FAILURE, Job, new_job_id
+from producer.images import IMAGE_EXTENSIONS, check_image_bytes, shrink
+from producer.wire import FAILURE, Job, new_job_ids
 
 COLUMNS = ("path", "job_id", "status", "label", "score", "error")
 
@@ -243,6 +243,11 @@ def classify(
     before it returns, so workers don't compute them for nobody; ``resume`` picks them up.
     With ``explain_dir``, each answer's heatmap is written there as a PNG, its path in the
     row's ``explanation`` column.
+
+    What a small file costs this process is bounded (``python -m bench.producer_cpu``
+    measures it): it is read in line, in four system calls, unless the files are large or
+    shrunk (then threads read ahead); answers are looked for with a probe of a few keys, and
+    fetched in full only where the probe found some.
     """
     template = client.job_template(model, version, priority, deadline_s, notify=False,
                                    explain=explain_dir is not None)  # fmt: skip
@@ -252,70 +257,102 @@ def classify(
     writer = RowWriter(Path(out), resume, columns)
     summary = Summary()
     started = time.monotonic()
-    total = count_inputs(specs)
+    # The total only shows on the progress bar: no bar, no second walk of the inputs.
+    total = count_inputs(specs) if progress is not None else None
     bar = tqdm(total=total, unit="img", file=progress, disable=progress is None,
                dynamic_ncols=True, smoothing=0.05)  # fmt: skip
     chunk = client.settings.chunk_size
     limit, max_pixels = client.settings.max_image_bytes, client.settings.max_image_pixels
-    # In flight, in input order: key -> (path, job id). A refused input has no job id; its
-    # answer is known at once, and its row still comes in its place.
-    inflight: OrderedDict[str, tuple[str, str]] = OrderedDict()
-    held: dict[str, int] = {}  # job id -> the Redis bytes its message holds
+    # In flight, in input order: key -> (path, job id, the Redis bytes its message holds). A
+    # refused input has no job id; its answer is known at once, and its row still comes in
+    # its place.
+    inflight: OrderedDict[str, tuple[str, str, int]] = OrderedDict()
     holding = 0
     answered: dict[str, dict[str, Any]] = {}
     collected: list[str] = []
-    threads = min(4, os.cpu_count() or 1)
+    ids = _job_ids()
+    # Refill the window once this many jobs have left it (or it is empty): pushes of a chunk
+    # or more, not one per answered batch.
+    refill = max(1, min(chunk, window // 4))
 
     def prepare(path: str) -> Any:
         if path in writer.done:
             return _SKIP
         return job_input(path, limit, max_pixels, shrink_to, shared_fs)
 
-    # Read (and shrink) a few files ahead, on as many threads as cores: Pillow decodes and
-    # zlib encodes without the GIL, so --shrink uses every core the workers leave free.
-    prepared = _ahead(iter_inputs(specs), prepare, threads)
+    if shrink_to is not None:
+        # Pillow decodes and zlib encodes without the GIL: --shrink uses every core the
+        # workers leave free, a few files ahead.
+        prepared = _ahead(iter_inputs(specs), prepare, min(4, os.cpu_count() or 1))
+    elif shared_fs:
+        prepared = _in_line(iter_inputs(specs), prepare)  # a stat a file: nothing to overlap
+    else:
+        prepared = _read_ahead_when_large(iter_inputs(specs), prepare, min(4, os.cpu_count() or 1))
     exhausted = False
+    waiting: list[str] = []  # the oldest jobs in flight with no answer yet
+    stale = True  # whether ``waiting`` must be listed again
     restore = _sigterm_interrupts()
     try:
-        pause = 0.0005
+        pause = _PAUSE
+        answers, since = 0, 0.0  # answers found since the first push: their rate paces looks
         while not exhausted or inflight:
             # Fill the window, up to ``window`` jobs in flight, pushed 16 chunks a round trip.
             jobs: list[Job] = []
             pending = 0
-            while (not exhausted and len(inflight) < window
-                   and (holding < window_bytes or not held)):  # fmt: skip
-                item = next(prepared, None)
-                if item is None:
-                    exhausted = True
-                    continue
-                path, made = item
-                if made is _SKIP:
-                    summary.skipped += 1
-                    bar.update(1)
-                elif isinstance(made, (OSError, InvalidImageError)):
-                    key = new_job_id()
-                    inflight[key] = (path, "")
-                    answered[key] = {"status": FAILURE, "error": _reason(made, path)}
-                elif isinstance(made, BaseException):
-                    raise made
-                else:
-                    job = replace(template, id=new_job_id(), submitted_at=time.time(), **made)
-                    jobs.append(job)
-                    inflight[job.id] = (path, job.id)
-                    held[job.id] = REDIS_COPIES * job.wire_size()
-                    holding += held[job.id]
-                    pending += held[job.id]
-                    if len(jobs) >= chunk * 16 or pending >= min(
-                        window_bytes // 4, MAX_PUSH_BYTES // 2
-                    ):
-                        client.enqueue(jobs)
-                        jobs, pending = [], 0
-            client.enqueue(jobs)
+            if len(inflight) + refill <= window or not inflight:
+                while (not exhausted and len(inflight) < window
+                       and (holding < window_bytes or not holding)):  # fmt: skip
+                    item = next(prepared, None)
+                    if item is None:
+                        exhausted = True
+                        continue
+                    path, made = item
+                    if made is _SKIP:
+                        summary.skipped += 1
+                        bar.update(1)
+                        continue
+                    stale = True
+                    if isinstance(made, (OSError, InvalidImageError)):
+                        key = next(ids)
+                        inflight[key] = (path, "", 0)
+                        answered[key] = {"status": FAILURE, "error": _reason(made, path)}
+                    elif isinstance(made, BaseException):
+                        raise made
+                    else:
+                        job = template.stamped(
+                            next(ids), made.get("image", b""), time.time(), made.get("path"),
+                            made.get("source_bytes", 0),
+                        )  # fmt: skip
+                        jobs.append(job)
+                        size = REDIS_COPIES * job.wire_size()
+                        inflight[job.id] = (path, job.id, size)
+                        holding += size
+                        pending += size
+                        if len(jobs) >= chunk * 16 or pending >= min(
+                            window_bytes // 4, MAX_PUSH_BYTES // 2
+                        ):
+                            client.enqueue(jobs)
+                            since = since or time.monotonic()
+                            jobs, pending = [], 0
+                client.enqueue(jobs)
+                if jobs and not since:
+                    since = time.monotonic()
 
-            # Collect the oldest waiting answers with one MGET, forgetting those written out.
-            waiting = [key for key in islice(inflight, POLL) if key not in answered]
-            found = client.fetch(waiting, forget=[] if keep_results else collected)
-            answered.update(found)
+            # Look for answers among the oldest jobs in flight: a probe of every STEP-th one
+            # (answers come a batch at a time, roughly in order), then one MGET of those up to
+            # the last probe answered. Results written out are forgotten in the same round trip.
+            if stale:
+                waiting = [key for key in islice(inflight, POLL) if key not in answered]
+                stale = False
+            probe = waiting[::STEP]
+            found = client.fetch(probe, forget=[] if keep_results else collected)
+            collected = []
+            if found:
+                last = max(i for i, key in enumerate(probe) if key in found) + 1
+                found.update(client.fetch([k for k in waiting[: last * STEP] if k not in found]))
+                answered.update(found)
+                answers += len(found)
+                stale = True
 
             # Emit rows: in input order, or as they come.
             ready = (
@@ -323,29 +360,42 @@ def classify(
                 if ordered
                 else [key for key in answered if key in inflight]
             )
-            collected = []
-            for key in ready:
-                path, job_id = inflight.pop(key)
-                holding -= held.pop(job_id, 0)
-                result = answered.pop(key)
-                row = _row(path, job_id, result)
-                if explain_dir is not None:
-                    row["explanation"] = write_heatmap(Path(explain_dir), path, result)
-                writer.write(row)
-                summary.counts[result["status"]] += 1
-                bar.update(1)
-                if job_id:
-                    collected.append(job_id)
-            if found and len(found) >= len(waiting) // 2:
-                pause = 0.0005  # answers are flowing: look again at once
-            else:
+            if ready:
+                stale = True
+                for key in ready:
+                    path, job_id, size = inflight.pop(key)
+                    holding -= size
+                    result = answered.pop(key)
+                    row = _row(path, job_id, result)
+                    if explain_dir is not None:
+                        row["explanation"] = write_heatmap(Path(explain_dir), path, result)
+                    writer.write(row)
+                    summary.counts[result["status"]] += 1
+                    if job_id:
+                        collected.append(job_id)
+                bar.update(len(ready))
+            # Look again once about a 16th of the jobs in flight should have been answered, at
+            # the rate answers have come so far (within _PAUSE and _MAX_PAUSE): a look finds a
+            # good share of answers, not a few each time. At once if the window can be filled
+            # or this look found that many; twice as long each time a look finds none.
+            goal = max(1, len(inflight) // 16)
+            if found:
+                rate = answers / max(time.monotonic() - since, _PAUSE)
+                pause = min(max(goal / rate, _PAUSE), _MAX_PAUSE)
+            room = (
+                not exhausted
+                and (len(inflight) + refill <= window or not inflight)
+                and (holding < window_bytes or not holding)
+            )
+            if inflight and not room and len(found) < goal:
                 time.sleep(pause)
-                pause = 0.0005 if found else min(pause * 2, 0.05)
+                if not found:
+                    pause = min(pause * 2, _MAX_PAUSE)
         if collected and not keep_results:
             client.fetch([], forget=collected)
     except KeyboardInterrupt:
         summary.interrupted = True
-        in_flight = [job_id for _, job_id in inflight.values() if job_id]
+        in_flight = [job_id for _, job_id, _ in inflight.values() if job_id]
         try:
             summary.cancelled = sum(client.cancel_many(in_flight))
         except BatcheryError as exc:  # Redis away: the jobs will be computed, and dropped
@@ -357,6 +407,18 @@ def classify(
         writer.close()
         summary.elapsed_s = time.monotonic() - started
     return summary
+
+
+#: Waits between looks for answers when none came: doubling from the first to the last.
+_PAUSE, _MAX_PAUSE = 0.0005, 0.05
+#: A look for answers probes every STEP-th of the oldest jobs waiting (see classify).
+STEP = 32
+
+
+def _job_ids() -> Iterator[str]:
+    """Fresh job ids without end, made 256 at a time."""
+    while True:
+        yield from new_job_ids(256)
 
 
 def _sigterm_interrupts() -> Callable[[], None]:
@@ -387,28 +449,83 @@ def write_heatmap(folder: Path, path: str, result: dict[str, Any]) -> str | None
 
 _SKIP = object()
 
+#: Files read in line while the last ones averaged less than this; bigger ones are read a
+#: few ahead, on threads: their reading may wait on a disk, and a thread's handoff (a few
+#: tens of microseconds of locks and wake-ups) is small beside it. A small file is read in
+#: less time than a handoff takes.
+LARGE_FILE = 256 * 1024
+
+
+def _attempt(work: Callable[[str], Any], item: str) -> Any:
+    try:
+        return work(item)
+    except Exception as exc:
+        return exc
+
+
+def _in_line(items: Iterator[str], work: Callable[[str], Any]
+             ) -> Generator[tuple[str, Any], None, None]:  # fmt: skip
+    """Each item with what ``work(item)`` returned or raised, in order, worked on here."""
+    for item in items:
+        yield item, _attempt(work, item)
+
 
 def _ahead(items: Iterator[str], work: Callable[[str], Any], threads: int
            ) -> Generator[tuple[str, Any], None, None]:  # fmt: skip
     """Each item with what ``work(item)`` returned or raised, in order, worked on ``threads``
     at a time and at most twice that many ahead of the consumer."""
-
-    def attempt(item: str) -> Any:
-        try:
-            return work(item)
-        except Exception as exc:
-            return exc
-
     with ThreadPoolExecutor(threads) as pool:
         pending: deque[tuple[str, Future[Any]]] = deque()
         for item in items:
-            pending.append((item, pool.submit(attempt, item)))
+            pending.append((item, pool.submit(_attempt, work, item)))
             if len(pending) > 2 * threads:
                 first, future = pending.popleft()
                 yield first, future.result()
         while pending:
             first, future = pending.popleft()
             yield first, future.result()
+
+
+def _read_ahead_when_large(items: Iterator[str], work: Callable[[str], Any], threads: int
+                           ) -> Generator[tuple[str, Any], None, None]:  # fmt: skip
+    """Each item with what ``work(item)`` returned or raised, in order: worked on here while
+    the files read are small (a running mean under :data:`LARGE_FILE`), as :func:`_ahead`
+    while they are large."""
+    pool: ThreadPoolExecutor | None = None
+    pending: deque[tuple[str, Future[Any]]] = deque()
+    mean = 0.0
+
+    def weigh(made: Any) -> None:
+        nonlocal mean
+        if isinstance(made, dict):
+            mean += (len(made.get("image", b"")) - mean) / 8
+
+    try:
+        for item in items:
+            if mean >= LARGE_FILE:
+                if pool is None:
+                    pool = ThreadPoolExecutor(threads)
+                pending.append((item, pool.submit(_attempt, work, item)))
+                if len(pending) > 2 * threads:
+                    first, future = pending.popleft()
+                    made = future.result()
+                    weigh(made)
+                    yield first, made
+                continue
+            while pending:  # small again: what was read ahead first, in its place
+                first, future = pending.popleft()
+                made = future.result()
+                weigh(made)
+                yield first, made
+            made = _attempt(work, item)
+            weigh(made)
+            yield item, made
+        while pending:
+            first, future = pending.popleft()
+            yield first, future.result()
+    finally:
+        if pool is not None:
+            pool.shutdown(cancel_futures=True)
 
 
 def job_input(
@@ -440,14 +557,12 @@ def job_input(
 
 def read_checked(path: str, limit: int, max_pixels: int) -> bytes:
     """A file's bytes, if it is a whole image within the limits (bytes checked before reading)."""
-    data = read_file(path, limit)
+    data = read_image_file(path, limit)
     check_image_bytes(data, path, limit, max_pixels)
     return data
 
 
-def _ordered_ready(
-    inflight: OrderedDict[str, tuple[str, str]], answered: dict[str, Any]
-) -> list[str]:
+def _ordered_ready(inflight: OrderedDict[str, Any], answered: dict[str, Any]) -> list[str]:
     ready = []
     for key in inflight:
         if key not in answered:

@@ -64,7 +64,7 @@ from producer.wire import (
     decode_job_record,
     decode_result_meta,
     job_key,
-    new_job_id,
+    new_job_ids,
     pending_result,
     result_key,
 )
@@ -217,8 +217,9 @@ async def submit(request: Request) -> Response:
             explain=_flag("explain", fields.get("explain", "")),
         )  # fmt: skip
         record = gw.client.job_record(callback or None, owner)
-        batch = [replace(template, id=new_job_id(), image=data) for _, data in images]
-        ids = [job.id for job in batch]
+        ids = new_job_ids(len(images))
+        batch = [template.stamped(job_id, data)
+                 for job_id, (_, data) in zip(ids, images, strict=True)]  # fmt: skip
         wait = min(_wait(request), gw.settings.http_max_wait_s)
 
         async def push() -> None:

@@ -168,6 +168,24 @@ def new_job_id() -> str:
     return str(uuid.uuid4())
 
 
+_VERSION_4 = bytes(b & 0x0F | 0x40 for b in range(256))
+_VARIANT_RFC_4122 = bytes(b & 0x3F | 0x80 for b in range(256))
+
+
+def new_job_ids(count: int) -> list[str]:
+    """``count`` fresh job ids, UUID4s as :func:`new_job_id` makes them, from one read of the
+    system's randomness (a quarter of the cost of ``uuid4`` each)."""
+    raw = bytearray(os.urandom(16 * count))
+    raw[6::16] = raw[6::16].translate(_VERSION_4)
+    raw[8::16] = raw[8::16].translate(_VARIANT_RFC_4122)
+    h = raw.hex()
+    return [
+        f"{h[i : i + 8]}-{h[i + 8 : i + 12]}-{h[i + 12 : i + 16]}-{h[i + 16 : i + 20]}-"
+        f"{h[i + 20 : i + 32]}"
+        for i in range(0, 32 * count, 32)
+    ]
+
+
 #: Model and version names: letters, digits, ``.``, ``_``, ``-``; at most 64 characters; not
 #: starting with ``.`` or ``-`` (so never a hidden file, a parent folder or a flag).
 NAME_PATTERN = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]{0,63}")
@@ -352,6 +370,17 @@ class Job:
     #: too, so a message never stands for more than BATCHERY_MAX_MESSAGE_BYTES of photos and
     #: the work spreads over every pool process (workers merge small messages into batches).
     source_bytes: int = 0
+
+    def stamped(
+        self, job_id: str, image: bytes = b"", submitted_at: float | None = None,
+        path: str | None = None, source_bytes: int = 0,
+    ) -> Job:  # fmt: skip
+        """This job (a template, :meth:`Client.job_template`) for one input, with its own id:
+        ``dataclasses.replace`` of those fields, at a third of its cost (bulk runs make one
+        per file)."""
+        return Job(job_id, image, self.model, self.version,
+                   self.submitted_at if submitted_at is None else submitted_at, self.notify,
+                   self.priority, self.deadline_s, self.explain, path, source_bytes)  # fmt: skip
 
     def to_wire(self) -> dict[str, Any]:
         """The job as a JSON-ready dict (image bytes in base64)."""
