@@ -1,4 +1,5 @@
-"""Job control with fakeredis: priorities on the wire, cancellation, deadlines."""
+"""Job control with fakeredis: priorities on the wire, cancellation (and `batchery cancel`'s
+exit status), deadlines (and the worker's default), the priority label on the metrics."""
 
 from __future__ import annotations
 
@@ -136,3 +137,95 @@ def test_a_job_cancelled_while_its_batch_ran_is_counted_not_answered(runner, fak
     assert client.result("running")["status"] == CANCELLED
     assert int(fake_redis.hget(STATS_KEY, "cancelled_late")) == 1
     assert fake_redis.hget(STATS_KEY, "computed_twice") is None
+
+
+# --- the CLI: cancel's exit status ---------------------------------------------------------
+
+
+@pytest.fixture
+def batchery(fake_redis, monkeypatch) -> Any:
+    """``batchery ARGS...`` run in this process (its exit status), its Client on fakeredis."""
+    from producer import cli
+
+    def on_fake(settings: Settings) -> Client:
+        return Client(settings=settings, redis_client=fake_redis)
+
+    monkeypatch.setattr("producer.client.Client", on_fake)
+    return lambda *argv: cli.main(list(argv))
+
+
+def test_cancel_exits_0_when_every_job_was_cancelled(client, batchery, capsys) -> None:
+    ids = [client.submit(GOOD), client.submit(GOOD)]
+    assert batchery("cancel", *ids, "never-seen") == 0  # an unknown id is cancelled too
+    assert capsys.readouterr().out.splitlines() == [
+        f"{ids[0]}: cancelled",
+        f"{ids[1]}: cancelled",
+        "never-seen: cancelled",
+    ]
+    assert [client.result(j)["status"] for j in ids] == [CANCELLED, CANCELLED]
+
+
+def test_cancel_exits_1_if_any_job_was_already_answered(
+    client, fake_redis, batchery, capsys
+) -> None:
+    queued_id, answered_id = client.submit(GOOD), client.submit(GOOD)
+    BatchRunner(Settings(), None, fake_redis).store([JobResult(answered_id, "SUCCESS")])  # type: ignore[arg-type]
+    assert batchery("cancel", queued_id, answered_id) == 1
+    assert capsys.readouterr().out.splitlines() == [
+        f"{queued_id}: cancelled",
+        f"{answered_id}: already answered (SUCCESS), kept",
+    ]
+    assert client.result(queued_id)["status"] == CANCELLED  # the rest are cancelled all the same
+    assert client.result(answered_id)["status"] == "SUCCESS"
+    # Cancelled before is answered (CANCELLED): cancelling it again exits 1 too.
+    assert batchery("cancel", queued_id) == 1
+    assert capsys.readouterr().out == f"{queued_id}: already answered (CANCELLED), kept\n"
+
+
+# --- the worker's default deadline, and the priority label on its metrics ----------------
+
+
+def test_the_workers_default_deadline_expires_jobs_that_name_none(models, fake_redis) -> None:
+    now = time.time()
+    jobs = [
+        Job("old", GOOD, submitted_at=now - 6),  # past the default of 5 s
+        Job("recent", GOOD, submitted_at=now - 4),  # within it
+        Job("own", GOOD, submitted_at=now - 6, deadline_s=60.0),  # its own deadline wins
+    ]
+    runner = BatchRunner(Settings(default_deadline_s=5.0), models, fake_redis)
+    results = {r.job_id: r for r in runner.run([Request("m", jobs_to_kwargs(jobs))])}
+    assert results["old"].status == EXPIRED and "deadline of 5 s" in (results["old"].error or "")
+    assert results["recent"].status == "SUCCESS" and results["own"].status == "SUCCESS"
+    assert int(fake_redis.hget(STATS_KEY, "expired")) == 1
+    # Without the default, the same old job with no deadline is computed.
+    unset = BatchRunner(Settings(), models, fake_redis)
+    again = Job("old-again", GOOD, submitted_at=now - 6)
+    [result] = unset.run([Request("n", jobs_to_kwargs([again]))])
+    assert result.status == "SUCCESS"
+
+
+def test_jobs_answered_are_counted_by_priority(models, fake_redis) -> None:
+    from prometheus_client import REGISTRY
+
+    from worker.metrics import Metrics
+
+    metrics = Metrics()
+    try:
+        runner = BatchRunner(Settings(), models, fake_redis, recorded=metrics)
+        jobs = [Job("h1", GOOD, priority="high"), Job("h2", GOOD, priority="high"),
+                Job("l1", GOOD, priority="low"), Job("n1", GOOD)]  # fmt: skip
+        runner.run([Request("m", jobs_to_kwargs(jobs))])
+        version = models.resolve(None, None).version
+        counted = {
+            sample.labels["priority"]: sample.value
+            for family in REGISTRY.collect() if family.name == "batchery_jobs"
+            for sample in family.samples if sample.name == "batchery_jobs_total"
+        }  # fmt: skip
+        assert counted == {"high": 2.0, "low": 1.0, "normal": 1.0}
+        labels = {"model": "mnist-cnn", "version": version, "status": "SUCCESS"}
+        assert REGISTRY.get_sample_value("batchery_jobs_total",
+                                         {**labels, "priority": "high"}) == 2.0  # fmt: skip
+    finally:
+        for collector in (metrics.jobs, metrics.batch_size, metrics.inference,
+                          metrics.queue_wait, metrics.end_to_end, metrics.model_loads):  # fmt: skip
+            REGISTRY.unregister(collector)
