@@ -630,8 +630,22 @@ def _read_open(fd: int, path: str | os.PathLike[str], max_bytes: int) -> bytes:
     except BaseException:
         os.close(fd)
         raise
-    with os.fdopen(fd, "rb") as fh:
-        data = fh.read(max_bytes + 1)
+    # Read what fstat said plus one byte, not max_bytes + 1 through a buffered file: that
+    # allocates max_bytes (10 MB) for every 300-byte digit. A file that grew is read on.
+    parts: list[bytes] = []
+    left = max_bytes + 1
+    want = min(info.st_size + 1, left)
+    try:
+        while left > 0:
+            chunk = os.read(fd, min(want, left))
+            if not chunk:
+                break
+            parts.append(chunk)
+            left -= len(chunk)
+            want = 1 << 20
+    finally:
+        os.close(fd)
+    data = b"".join(parts)
     if len(data) > max_bytes:  # it grew while we read it
         raise ImageTooLargeError(
             f"{path}: over the limit of {max_bytes} bytes (BATCHERY_MAX_IMAGE_BYTES)"
