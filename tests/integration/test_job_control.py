@@ -6,6 +6,7 @@ never on timing.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -15,10 +16,19 @@ import uuid
 from pathlib import Path
 
 import pytest
+import redis
 
 from producer.client import Client
 from producer.local import RedisServer
-from producer.wire import CANCELLED, EXPIRED, STATS_KEY, UNACKED_KEY, queue_key
+from producer.wire import (
+    CANCELLED,
+    EXPIRED,
+    PRIORITIES,
+    STATS_KEY,
+    UNACKED_KEY,
+    queue_key,
+    read_jobs,
+)
 from tests.factories import digit_paths
 
 pytestmark = pytest.mark.integration
@@ -124,3 +134,31 @@ def test_an_interrupted_classify_leaves_nothing_to_compute(
     rows = out.read_text().splitlines()
     assert len(rows) == 20_000 and rows_before < 20_000
     assert all('"SUCCESS"' in row for row in rows)
+
+
+def test_classify_submits_at_low_priority_by_default(
+    redis_server: RedisServer, tmp_path: Path
+) -> None:
+    # No worker serves this queue: what classify pushed stays in Redis to be read.
+    queue = f"classify-unserved-{uuid.uuid4().hex[:8]}"
+    env = {**os.environ, "BATCHERY_REDIS_URL": redis_server.url, "BATCHERY_QUEUE": queue}
+    cmd = [sys.executable, "-m", "producer.cli", "classify", *map(str, digit_paths(3)),
+           "-o", str(tmp_path / "out.jsonl")]  # fmt: skip
+    r = redis.Redis.from_url(redis_server.url)
+    lists = {p: queue_key(queue, p) for p in PRIORITIES}
+    run = subprocess.Popen(cmd, env=env, stderr=subprocess.PIPE, text=True, cwd=ROOT)
+    try:
+        deadline = time.monotonic() + 30
+        while not any(r.llen(key) for key in lists.values()):
+            assert run.poll() is None, run.communicate()[1]
+            assert time.monotonic() < deadline, "classify pushed nothing"
+            time.sleep(0.05)
+    finally:
+        run.send_signal(signal.SIGTERM)
+        run.communicate(timeout=60)
+    assert {p: r.llen(key) for p, key in lists.items()} == {"high": 0, "normal": 0, "low": 1}
+    [raw] = r.lrange(lists["low"], 0, -1)
+    message = json.loads(raw)
+    assert message["properties"]["priority"] == PRIORITIES["low"]
+    jobs, refused = read_jobs(json.loads(message["body"])[1])
+    assert refused == [] and [job.priority for job in jobs] == ["low"] * 3
