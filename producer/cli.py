@@ -156,6 +156,11 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--color-mode", choices=["L", "RGB"], help="default: from the input channels")
     p.add_argument("--scale", type=float, default=1 / 255.0, help="pixel scale (1/255)")
     p.add_argument("--offset", type=float, default=0.0, help="added after scaling (0)")
+    p.add_argument(
+        "--batch-budget-ms", type=float, metavar="MS",
+        help="this version's batches cut to MS of work, not the workers' budget (for a model "
+        "whose one job costs more than the budget: a few jobs' worth)",
+    )  # fmt: skip
     p = msub.add_parser("promote", help="serve VERSION of NAME to jobs that name no version")
     p.add_argument("name", metavar="NAME")
     p.add_argument("version", metavar="VERSION")
@@ -459,7 +464,7 @@ def _models(args: argparse.Namespace, settings: Settings) -> int:
     if action == "publish":
         info = publish_model(registry, args.file, args.name, read_labels(args.labels),
                              trust=args.trust, color_mode=args.color_mode, scale=args.scale,
-                             offset=args.offset)  # fmt: skip
+                             offset=args.offset, batch_budget_ms=args.batch_budget_ms)  # fmt: skip
         promoted = registry.promoted(info.name) == info.version
         print(f"published {info.key}{' (promoted)' if promoted else ''}")
         return 0

@@ -223,13 +223,16 @@ def create_app(settings: Settings) -> Celery:
         on_worker_lost=staticmethod(count_deaths(settings)),  # a plain function, not a method
         ignore_result=True,
     )
-    def classify(requests: Sequence[RequestLike]) -> tuple[str, float, bool]:
+    def classify(requests: Sequence[RequestLike]) -> tuple[str, float, bool, list[Any]]:
         # What the batch took, for the main process's cost model (worker.budget); "cold"
-        # if it loaded a model, whose seconds say nothing of the next batch's.
+        # if it loaded a model, whose seconds say nothing of the next batch's; and the
+        # versions' own budgets seen so far.
         batch_runner = runner(settings)
         loads, started = batch_runner.models.loads, time.perf_counter()
         batch_runner.run(requests)
-        return BATCH_DONE, time.perf_counter() - started, batch_runner.models.loads != loads
+        seconds = time.perf_counter() - started
+        budgets = [[*key, budget] for key, budget in batch_runner.budgets.items()]
+        return BATCH_DONE, seconds, batch_runner.models.loads != loads, budgets
 
     def load_models(**_: Any) -> None:
         warm_up(settings)

@@ -201,6 +201,9 @@ class DynamicBatches(Batches):
         # Message id -> failed tries here, for the pause before it is given back.
         self._tries: dict[str, int] = {}
         self.costs = CostModel()
+        # (model, version) as jobs name them -> that version's own budget (its manifest's
+        # batch_budget_ms, reported by the pool processes that ran it).
+        self.budgets: dict[tuple[Any, Any], float] = {}
 
     def Strategy(self, task: Batches, app: Any, consumer: Any) -> Callable[..., None]:
         """Wrap celery-batches' message handler with the flush-when-idle rule.
@@ -276,7 +279,11 @@ class DynamicBatches(Batches):
         order = BATCH_SHARE.get((self._batches + 1) % 8, BATCH_ORDER)
         # One priority a batch: a high job never waits for bulk work batched with it.
         waiting = next((self._waiting[level] for level in order if self._waiting[level]), None)
-        cut = Cut(self.costs, self.budget_s, self.flush_every)
+        budget = self.budget_s
+        if waiting and self.budgets:  # the first job's version may have a budget of its own
+            model, version, *_ = waiting[0].kinds[waiting[0].taken]
+            budget = self.budgets.get((model, version), budget)
+        cut = Cut(self.costs, budget, self.flush_every)
         parts: list[tuple[Held, int, int]] = []
         while waiting and not cut.closed:
             held = waiting[0]
@@ -355,9 +362,12 @@ class DynamicBatches(Batches):
             self._do_flush()
 
         def on_return(result: Any) -> None:
-            done = isinstance(result, tuple) and len(result) == 3 and result[0] == BATCH_DONE
+            done = isinstance(result, tuple) and len(result) == 4 and result[0] == BATCH_DONE
             if done and not result[2]:
                 self.costs.observe(counts, float(result[1]))
+            if done:
+                for model, version, budget in result[3]:
+                    self.budgets[(model, version)] = budget
             finish(done, f"the batch function returned {result!r}")
 
         def on_error(error: Any) -> None:

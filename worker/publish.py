@@ -54,11 +54,15 @@ def publish_model(
     color_mode: str | None = None,
     scale: float = 1.0 / 255.0,
     offset: float = 0.0,
+    batch_budget_ms: float | None = None,
 ) -> ModelInfo:
     """Check that ``source`` loads (safely unless ``trust``) and fits ``labels``, then publish.
 
     Input shape comes from the model; color mode from its channels (1: L, 3: RGB) unless given.
+    ``batch_budget_ms``: this version's own batch budget (see worker.budget), in its manifest.
     """
+    if batch_budget_ms is not None and not batch_budget_ms > 0:
+        raise ModelLoadError(f"--batch-budget-ms {batch_budget_ms:g}: give a positive number")
     source = Path(source)
     if not source.exists():
         raise ModelLoadError(f"{source}: no such file")
@@ -75,7 +79,8 @@ def publish_model(
         raise ModelLoadError(f"{source.name}: input shape {input_shape} is not an L or RGB image")
     return registry.publish(
         source, name, labels, input_shape, color_mode, scale, offset,
-        extra={"format": fmt, "trusted": trust, "source": source.name},
+        extra={"format": fmt, "trusted": trust, "source": source.name,
+               **({} if batch_budget_ms is None else {"batch_budget_ms": batch_budget_ms})},
     )  # fmt: skip
 
 

@@ -83,6 +83,9 @@ class BatchRunner:
         self.ledger = Ledger(redis_client, settings.queue)
         self.acks = ReplicaAcks.from_settings(settings)
         self._labels: dict[tuple[str, str], tuple[str, str]] = {}
+        #: (model, version) as jobs name them -> the version's own batch budget in seconds
+        #: (its manifest's ``batch_budget_ms``), for the main process (worker.budget).
+        self.budgets: dict[tuple[str | None, str | None], float] = {}
 
     def run(self, requests: Sequence[RequestLike]) -> list[JobResult]:
         """Answer every job in these messages and store the answers; return them.
@@ -283,6 +286,10 @@ class BatchRunner:
                 error = f"model not loaded: {type(exc).__name__}: {exc}"
                 by_id.update((job.id, JobResult.failure(job, error)) for job in group)
                 continue
+
+            budget = model.info.meta.get("batch_budget_ms")
+            if isinstance(budget, (int, float)) and budget > 0 and len(self.budgets) < 1024:
+                self.budgets[(name, version)] = float(budget) / 1000.0
 
             def compute(part: Sequence[Job], model: LoadedModel = model) -> list[JobResult]:
                 return self._classify_with(model, part)

@@ -100,7 +100,7 @@ def test_a_batch_that_could_not_store_is_given_back_after_a_doubling_pause(monke
     assert pauses == [1.0, 2.0, 4.0, 8.0, 16.0, 30.0, 30.0]
     ok = Delivered(id="m", _payload=((), jobs_to_kwargs([Job("j", b"x")]), {}))
     task.flush([ok])
-    submitted[-1]["callback"](("stored", 0.01, False))
+    submitted[-1]["callback"](("stored", 0.01, False, []))
     assert ok.fate == "acked" and "m" not in task._tries
 
 
@@ -175,7 +175,7 @@ class PoolStub:
         return [job["id"] for r in self.batches[i]["requests"] for job in r.kwargs["jobs"]]
 
     def done(self, i: int, seconds: float = 0.01) -> None:
-        self.batches[i]["callback"](("stored", seconds, False))
+        self.batches[i]["callback"](("stored", seconds, False, []))
 
 
 def pooled(monkeypatch: Any, slots: int, batch_size: int, budget_s: float = 0.0) -> Any:
@@ -396,3 +396,18 @@ def test_a_batch_whose_turn_is_lower_work_takes_high_work_when_none_waits() -> N
         task._busy = 0
         task._do_flush()
     assert [b[0] for b in task.batches] == [f"high-{i}" for i in range(8)]
+
+
+def test_a_version_with_a_budget_of_its_own_is_cut_to_it(monkeypatch: Any) -> None:
+    """A version published with --batch-budget-ms: its pool process reports the budget, and
+    the next batches of jobs naming it are cut to that, not to the workers' budget."""
+    task, pool = pooled(monkeypatch, slots=1, batch_size=64, budget_s=0.025)
+    photos = [Job(f"p-{i}", b"x" * 3000, model="photo") for i in range(64)]
+    request = Delivered(id="photos", fate=None, _payload=((), jobs_to_kwargs(photos), {}),
+                        delivery_info={"priority": PRIORITIES["normal"]})  # fmt: skip
+    task._buffer.put_nowait(request)
+    task._do_flush()
+    assert len(pool.jobs(0)) == 1  # not measured yet
+    pool.batches[0]["callback"](("stored", 0.050, False, [["photo", None, 0.2]]))
+    assert len(pool.jobs(1)) == 4  # 50 ms a photo: 4 fit in 200 ms, none in 25 ms but one
+    assert task.budgets == {("photo", None): 0.2}

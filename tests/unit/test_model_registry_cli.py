@@ -114,6 +114,18 @@ def test_labels_from_a_file_and_a_count_mismatch(registry, capsys, tmp_path) -> 
     assert code == 1 and "10 outputs but 2 labels" in err
 
 
+def test_a_version_publishes_with_a_batch_budget_of_its_own(registry, capsys) -> None:
+    labels = ",".join(str(d) for d in range(10))
+    args = ("models", "publish", str(SHIPPED), "--name", "b", "--labels", labels)
+    code, _, err = cli(capsys, *args, "--batch-budget-ms", "200")
+    assert code == 0, err
+    assert registry.get("b").meta["batch_budget_ms"] == 200.0
+    code, _, err = cli(capsys, *args, "--batch-budget-ms", "0")
+    assert code == 1 and "positive number" in err
+    code, _, err = cli(capsys, *args)
+    assert code == 0 and "batch_budget_ms" not in registry.get("b", "2").meta
+
+
 def lambda_model(path: Path) -> Path:
     tf = tensorflow()
     model = tf.keras.Sequential(
