@@ -2,7 +2,8 @@
 
 - (d) bulk: ``classify`` over N 28x28 PNG files through a worker, for this checkout and, with
   ``--against REV``, the code at REV (a git worktree, run from its own folder with the same
-  virtual environment), alternating A, B, A, B; with the producer's CPU per file.
+  virtual environment), alternating A, B, A, B; with the producer's CPU per file; then (c1)
+  a lone job at a time on that idle worker (this checkout's client).
 - (e) the limit beside it: the same files read, decoded by the worker's decoder and
   forwarded in-process by as many processes (``bench.run.run_limit_decoded``).
 - (m) lone ``high`` jobs every 50 ms during a ``low`` bulk run, against the same lone jobs
@@ -83,12 +84,16 @@ def run(n: int, workers: int, against: str | None, rounds: int,
                     worker, client = serving(server.url, root, env, workers)
                     try:
                         row, _ = run_bulk(server.url, folder, n, env, cwd=workdir)
+                        lone = run_lone(client, paths, 200)
                     finally:
                         client.close()
                         worker.stop()
                 row.name = f"(d) bulk, {name}, round {k + 1}"
-                rows.append(row)
+                lone.name = f"(c1) lone job on the idle worker, {name}, round {k + 1}"
+                rows += [row, lone]
                 out(f"  {row.name}: {row.rate:,.0f} img/s; {row.note}")
+                out(f"  {lone.name}: p50 {lone.percentile(50):.2f} ms, "
+                    f"p99 {lone.percentile(99):.2f} ms")  # fmt: skip
             limit = run_limit_decoded(paths[: min(n, 10_000)], info, 64, workers)
             limit.name += f", round {k + 1}"
             rows.append(limit)
