@@ -10,6 +10,7 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -395,3 +396,129 @@ def test_the_gateway_exports_the_backlog_with_no_worker_running() -> None:
         server.stop()
         metrics = httpx.get(f"{proc.url}/metrics", timeout=10).text
         assert "batchery_backlog_jobs{" not in metrics  # no stale figure once Redis is gone
+
+
+# --- the request caps, the metrics and who may bind what, each shown to hold ----------------
+
+
+def test_more_than_1024_images_in_one_request_is_400_and_enqueues_nothing(
+    redis_server: RedisServer,
+) -> None:
+    queue = "many-unserved"  # no worker: what was pushed stays to be counted
+    with GatewayProcess(redis_server.url, env={"BATCHERY_QUEUE": queue}) as proc:
+        image = DIGIT.read_bytes()
+        over = [("images", (f"{i}.png", image, "image/png")) for i in range(1025)]
+        refused = httpx.post(f"{proc.url}/v1/jobs", files=over, timeout=60)
+        assert refused.status_code == 400, refused.text
+        assert "1024" in refused.json()["error"]
+        assert queued_in(redis_server, queue) == 0
+        accepted = httpx.post(f"{proc.url}/v1/jobs", files=over[:1024], timeout=60)
+        assert accepted.status_code == 202, accepted.text
+        assert len(accepted.json()["jobs"]) == 1024
+
+
+def chunked_post(port: int, body: bytes, finish: bool) -> tuple[int, bytes]:
+    """POST ``body`` as a chunked request (no Content-Length) over a raw socket: the status
+    and body answered. ``finish``: send the closing chunk; without it, the gateway must
+    answer from what it has read."""
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        sock.sendall(b"POST /v1/jobs HTTP/1.1\r\nHost: x\r\nContent-Type: image/jpeg\r\n"
+                     b"Transfer-Encoding: chunked\r\n\r\n")  # fmt: skip
+        for i in range(0, len(body), 500):
+            piece = body[i : i + 500]
+            sock.sendall(b"%x\r\n%s\r\n" % (len(piece), piece))
+        if finish:
+            sock.sendall(b"0\r\n\r\n")
+        reply = b""
+        while b"\r\n\r\n" not in reply:
+            chunk = sock.recv(65536)
+            assert chunk, f"connection closed without an answer: {reply!r}"
+            reply += chunk
+        head, _, rest = reply.partition(b"\r\n\r\n")
+        assert b"content-length:" in head.lower(), head
+        length = int(head.lower().split(b"content-length:")[1].split(b"\r\n")[0])
+        while len(rest) < length:
+            chunk = sock.recv(65536)
+            assert chunk, "connection closed mid-answer"
+            rest += chunk
+        return int(head.split()[1]), rest[:length]
+
+
+def test_a_chunked_body_over_the_cap_is_413_as_it_passes_the_cap(
+    redis_server: RedisServer,
+) -> None:
+    photo = big_rgb_jpeg(DIGIT, size=100)  # 2 KB: the cap is exactly its size
+    queue = "chunked-unserved"
+    env = {"BATCHERY_HTTP_MAX_BODY": str(len(photo)), "BATCHERY_QUEUE": queue}
+    with GatewayProcess(redis_server.url, env=env) as proc:
+        started = time.monotonic()
+        status, body = chunked_post(proc.port, photo + b"\x00", finish=False)
+        assert status == 413, body
+        assert json.loads(body)["error"] == (
+            f"request body over the cap of {len(photo)} bytes (BATCHERY_HTTP_MAX_BODY)"
+        )
+        assert time.monotonic() - started < 5  # answered without the rest of the body
+        assert queued_in(redis_server, queue) == 0
+        status, body = chunked_post(proc.port, photo, finish=True)  # at the cap: accepted
+        assert status == 202, body
+        assert queued_in(redis_server, queue) == 1
+
+
+def scrape(url: str) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
+    """/metrics as {(sample name, its labels): value}."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = httpx.get(f"{url}/metrics").text
+    return {
+        (s.name, frozenset(s.labels.items())): s.value
+        for family in text_string_to_metric_families(text) for s in family.samples
+    }  # fmt: skip
+
+
+def moved(before: dict[Any, float], after: dict[Any, float], name: str, **labels: str) -> float:
+    """How far one sample moved between two scrapes."""
+    key = (name, frozenset(labels.items()))
+    return after.get(key, 0.0) - before.get(key, 0.0)
+
+
+def test_request_and_latency_metrics_count_every_request(gateway: GatewayProcess) -> None:
+    before = scrape(gateway.url)
+    for _ in range(3):
+        ok = httpx.post(f"{gateway.url}/v1/jobs", content=DIGIT.read_bytes(), headers=PNG)
+        assert ok.status_code == 202
+    assert httpx.post(f"{gateway.url}/v1/jobs", content=b"hello", headers=PNG).status_code == 400
+    after = scrape(gateway.url)
+    post = {"route": "/v1/jobs", "method": "POST", "key": "-"}
+    assert moved(before, after, "batchery_gateway_requests_total", **post, code="202") == 3
+    assert moved(before, after, "batchery_gateway_requests_total", **post, code="400") == 1
+    route = {"route": "/v1/jobs"}
+    assert moved(before, after, "batchery_gateway_request_seconds_count", **route) == 4
+    assert moved(before, after, "batchery_gateway_request_seconds_bucket", **route,
+                 le="+Inf") == 4  # fmt: skip
+    assert moved(before, after, "batchery_gateway_request_seconds_sum", **route) > 0
+    assert moved(before, after, "batchery_gateway_jobs_total", key="-") == 3
+
+
+def test_a_public_address_without_keys_needs_allow_unauthenticated(
+    redis_server: RedisServer, tmp_path: Path
+) -> None:
+    refused = subprocess.run(
+        [sys.executable, "-m", "producer.cli", "serve", "--host", "0.0.0.0", "--port",
+         str(free_port())],
+        capture_output=True, text=True, timeout=60,
+        env={"PATH": "/usr/bin:/bin", "BATCHERY_REDIS_URL": redis_server.url},
+    )  # fmt: skip
+    assert refused.returncode == 1 and "--allow-unauthenticated" in refused.stderr
+    log = tmp_path / "gateway.log"
+    with GatewayProcess(redis_server.url, "--host", "0.0.0.0", "--allow-unauthenticated",
+                        log_path=log) as proc:  # fmt: skip
+        submitted = httpx.post(f"{proc.url}/v1/jobs", content=DIGIT.read_bytes(), headers=PNG)
+        assert submitted.status_code == 202  # no key asked for: something in front checks
+        assert f"anyone who can reach 0.0.0.0:{proc.port} may submit" in log.read_text()
+    _, line = new_key("erin")
+    (tmp_path / "keys").write_text(line + "\n")
+    with GatewayProcess(redis_server.url, "--host", "0.0.0.0",
+                        env={"BATCHERY_API_KEYS": str(tmp_path / "keys")}) as proc:  # fmt: skip
+        # With keys, a public address needs no flag, and every request a key.
+        assert httpx.post(f"{proc.url}/v1/jobs", content=DIGIT.read_bytes(),
+                          headers=PNG).status_code == 401  # fmt: skip

@@ -13,6 +13,7 @@ from typing import Any
 import httpx
 import pytest
 import redis
+from prometheus_client.parser import text_string_to_metric_families
 
 from producer.local import GatewayProcess, RedisServer, WorkerProcess, free_port
 from producer.webhooks import verify
@@ -196,3 +197,31 @@ def test_a_listed_name_that_resolves_to_loopback_is_not_called(
         failed = [json.loads(raw) for raw in r.lrange(WEBHOOK_FAILED_KEY, 0, -1)]
         reason = next(f["reason"] for f in failed if f["job_id"] == job_id)
         assert "127.0.0.1" in reason and "does not list" in reason
+
+
+def test_each_attempts_outcome_is_counted_in_the_gateways_metrics(
+    redis_server: RedisServer,
+) -> None:
+    # No worker: cancelling answers the jobs. One receiver fails its first attempt, the other
+    # every attempt, past a retry time of 2.5 s: retried at once and at ~1 s, given up at ~3 s.
+    env = {**HOOKS, "BATCHERY_QUEUE": "hooks-metrics", "BATCHERY_WEBHOOK_RETRY_S": "2.5"}
+    with Receiver(fail=1) as flaky, Receiver(fail=100) as down, \
+            GatewayProcess(redis_server.url, env=env) as gateway:  # fmt: skip
+        (delivered,) = submit(gateway, flaky.url, 1)
+        (given_up,) = submit(gateway, down.url, 1)
+        for job_id in (delivered, given_up):
+            assert httpx.delete(f"{gateway.url}/v1/jobs/{job_id}").status_code == 200
+
+        def counted() -> dict[str, float]:
+            text = httpx.get(f"{gateway.url}/metrics").text
+            return {
+                sample.labels["outcome"]: sample.value
+                for family in text_string_to_metric_families(text)
+                if family.name == "batchery_webhook_deliveries"
+                for sample in family.samples if sample.name.endswith("_total")
+            }  # fmt: skip
+
+        wait_for(lambda: counted().get("given_up") == 1, 15, "the delivery to be given up")
+        assert counted() == {"retry": 3.0, "delivered": 1.0, "given_up": 1.0}
+        assert [a["ok"] for a in flaky.attempts] == [False, True]
+        assert len(down.attempts) == 2  # the third was given up, not sent

@@ -84,6 +84,24 @@ def test_without_keys_only_loopback_is_served() -> None:
         serve(Settings(), host="0.0.0.0")
 
 
+def test_allow_unauthenticated_serves_a_public_address_without_keys(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    import uvicorn
+
+    served: list[tuple[str, int]] = []
+    monkeypatch.setattr(uvicorn, "run", lambda app, host, port, **kw: served.append((host, port)))
+    with pytest.raises(ConfigError, match="--allow-unauthenticated"):
+        serve(Settings(), host="0.0.0.0", port=8123)
+    assert served == []
+    serve(Settings(), host="0.0.0.0", port=8123, allow_unauthenticated=True)
+    assert served == [("0.0.0.0", 8123)]
+    keys = tmp_path / "keys"
+    keys.write_text(new_key("alice")[1] + "\n")
+    serve(Settings(api_keys=keys), host="0.0.0.0", port=8124)  # keys: no flag needed
+    assert served == [("0.0.0.0", 8123), ("0.0.0.0", 8124)]
+
+
 def test_settings_read_the_gateways_variables(tmp_path: Path) -> None:
     keys = tmp_path / "keys"
     keys.write_text("")
