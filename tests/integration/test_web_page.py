@@ -10,6 +10,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import httpx
 import pytest
 from selenium import webdriver
 from selenium.webdriver.chrome.service import Service
@@ -150,3 +151,91 @@ def test_with_api_keys_the_page_asks_for_one(
         path = digit_paths(1)[0]
         drop(browser, [path])
         assert answers(browser, 1) == {path.name: label_of(path)}
+
+
+def drop_named(driver: WebDriver, files: list[tuple[str, bytes]]) -> None:
+    """Drop files of any name (a browser's File may be named anything a disk refuses)."""
+    named = [{"name": name, "data": base64.b64encode(data).decode()} for name, data in files]
+    driver.execute_script(
+        """
+        const transfer = new DataTransfer();
+        for (const f of arguments[0]) {
+          const bytes = Uint8Array.from(atob(f.data), (c) => c.charCodeAt(0));
+          transfer.items.add(new File([bytes], f.name, {type: "image/png"}));
+        }
+        const zone = document.getElementById("drop");
+        zone.dispatchEvent(new DragEvent("drop", {dataTransfer: transfer, bubbles: true}));
+        """,
+        named,
+    )
+
+
+def test_a_refused_file_named_with_markup_shows_its_name_as_text(
+    browser: WebDriver, page: GatewayProcess
+) -> None:
+    markup = "<img src=x onerror=window.__injected=1>.png"
+    browser.set_window_size(1000, 900)
+    browser.get(page.url)
+    drop_named(browser, [(markup, b"this is text, not a picture")])
+    deadline = time.monotonic() + 30
+    while not browser.find_elements(By.CSS_SELECTOR, "li.job[data-status=REFUSED]"):
+        assert time.monotonic() < deadline, "the refusal was not shown"
+        time.sleep(0.1)
+    card = browser.find_element(By.CSS_SELECTOR, "li.job[data-status=REFUSED]")
+    error = card.find_element(By.CLASS_NAME, "error")
+    # The server's refusal names the file; the page shows that name as the text it is.
+    assert error.text.startswith(f"{markup}: not a readable image"), error.text
+    assert card.find_element(By.CLASS_NAME, "name").text == markup
+    assert card.get_attribute("data-file") == markup
+    for element in (error, card.find_element(By.CLASS_NAME, "name")):
+        assert element.find_elements(By.XPATH, "./*") == []  # text only, no element in it
+    # No element was made of it anywhere, and no handler ran.
+    assert browser.execute_script(
+        "return document.querySelectorAll('img:not(.thumb):not(.heatmap)').length"
+    ) == 0  # fmt: skip
+    assert browser.execute_script("return window.__injected === undefined")
+
+
+def test_the_pages_content_security_policy_allows_only_its_own_script(
+    browser: WebDriver, page: GatewayProcess
+) -> None:
+    response = httpx.get(page.url)
+    assert response.status_code == 200
+    policy = response.headers["content-security-policy"]
+    directives = {part.split()[0]: part.split()[1:] for part in policy.split(";") if part.strip()}
+    # Scripts, styles, fonts, connections and frames: this origin only (default-src, with no
+    # script-src or style-src to widen it, so no inline script, handler or eval); images also
+    # from blob: (the thumbnails) and data: (the heatmaps); no plugins, no <base>, no framing.
+    assert directives == {
+        "default-src": ["'self'"],
+        "img-src": ["'self'", "blob:", "data:"],
+        "object-src": ["'none'"],
+        "base-uri": ["'none'"],
+        "frame-ancestors": ["'none'"],
+    }
+    assert "unsafe" not in policy
+    assert response.headers["x-content-type-options"] == "nosniff"
+    # And the browser holds the page to it: markup put in as HTML runs nothing.
+    browser.get(page.url)
+    browser.execute_script(
+        """
+        window.__ran = [];
+        window.__refused = [];
+        document.addEventListener("securitypolicyviolation",
+                                  (e) => window.__refused.push(e.effectiveDirective));
+        const box = document.createElement("div");
+        box.innerHTML = '<img src=x onerror="window.__ran.push(1)">';
+        document.body.appendChild(box);
+        const inline = document.createElement("script");
+        inline.textContent = "window.__ran.push(2)";
+        document.body.appendChild(inline);
+        """
+    )
+    deadline = time.monotonic() + 10
+    while len(browser.execute_script("return window.__refused")) < 2:
+        assert time.monotonic() < deadline, browser.execute_script("return window.__refused")
+        time.sleep(0.1)
+    assert browser.execute_script("return window.__ran") == []
+    assert sorted(browser.execute_script("return window.__refused")) == [
+        "script-src-attr", "script-src-elem"
+    ]  # fmt: skip
