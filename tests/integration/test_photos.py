@@ -4,6 +4,7 @@ within the window however big the images."""
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import subprocess
@@ -155,3 +156,41 @@ def test_redis_memory_stays_within_the_window_whatever_the_image_size(
           f"{largest / 1e6:.1f} MB (window {window >> 20} MiB)")  # fmt: skip
     # The window, and the one job that may start past it, and Redis's own bookkeeping.
     assert grown <= window + one_job + (4 << 20)
+
+
+def test_shrink_sends_the_model_sized_png_not_the_photo(shared: Path, tmp_path: Path) -> None:
+    """What reaches Redis under --shrink is the PNG of the pixels the model sees (28x28 L for
+    the default model), byte for byte what ``images.shrink`` makes: not the photo."""
+    from PIL import Image
+
+    from producer.images import shrink
+    from producer.wire import PRIORITIES, queue_key, read_jobs
+
+    photo = shared / "photos" / "p0.jpg"
+    with RedisServer() as server:  # no worker: the message stays in Redis to be read
+        env = {**os.environ, "BATCHERY_REDIS_URL": server.url}
+        run = subprocess.Popen([sys.executable, "-m", "producer.cli", "classify", str(photo),
+                                "--shrink", "-o", str(tmp_path / "out.jsonl")],
+                               env=env, cwd=ROOT, stderr=subprocess.PIPE, text=True)  # fmt: skip
+        r = redis.Redis.from_url(server.url)
+        key = queue_key(Settings().queue, "low")
+        try:
+            deadline = time.monotonic() + 60
+            while not r.llen(key):
+                assert run.poll() is None, run.communicate()[1]
+                assert time.monotonic() < deadline, "classify pushed nothing"
+                time.sleep(0.05)
+        finally:
+            run.terminate()
+            run.communicate(timeout=60)
+        [raw] = r.lrange(key, 0, -1)
+        r.close()
+    message = json.loads(raw)
+    assert message["properties"]["priority"] == PRIORITIES["low"]
+    [job], refused = read_jobs(json.loads(message["body"])[1])
+    assert refused == [] and job.path is None
+    data = photo.read_bytes()
+    assert job.image == shrink(data, (28, 28), "L", 10 << 20, 40_000_000)
+    with Image.open(io.BytesIO(job.image)) as img:
+        assert (img.format, img.size, img.mode) == ("PNG", (28, 28), "L")
+    assert len(job.image) < len(data) / 100
