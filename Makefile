@@ -51,6 +51,11 @@ test: $(VENV)/.dev | $(BROWSER)
 	$(BIN)/mypy
 	$(BIN)/pytest
 
+## compose-test: the compose stack on a real Docker engine, every documented compose command
+## (tests/compose/run.py; root; installs docker.io and docker-compose if missing; ~3.5 min)
+compose-test:
+	$(PYTHON) tests/compose/run.py
+
 ## soak: 100,000 jobs over 10 minutes through 2 workers, killed every 10 s (not in `make test`)
 soak: $(VENV)/.dev
 	$(BIN)/python -m bench.soak --jobs 100000 --minutes 10

@@ -1,4 +1,4 @@
-"""The compose file and the image can't run here (no Docker engine): check what can be checked."""
+"""The compose files and the image by their structure (tests/compose/run.py runs them)."""
 
 import re
 import subprocess
