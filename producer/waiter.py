@@ -153,9 +153,11 @@ class ResultWaiter:
                     future.set_result(message["data"])
 
     async def close(self) -> None:
-        """Stop reading and close the subscriber connection."""
-        if self._reader is not None:
-            self._reader.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await self._reader
+        """Stop reading (and any round of unsubscribing still going: it would use the
+        connection being closed) and close the subscriber connection."""
+        for task in (self._reader, self._syncer):
+            if task is not None and not task.done():
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await task
         await self._pubsub.aclose()
