@@ -13,7 +13,6 @@ from producer.local import RedisServer
 from producer.waiter import ResultWaiter
 from producer.wire import result_key
 
-
 pytestmark = pytest.mark.integration
 URL = ""
 
