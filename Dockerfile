@@ -21,6 +21,8 @@ RUN pip install --require-hashes -r requirements/worker.txt \
 
 COPY pyproject.toml README.md ./
 COPY producer producer
+COPY gateway gateway
+COPY batchery batchery
 COPY worker worker
 COPY bench bench
 COPY models models

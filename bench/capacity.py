@@ -33,9 +33,9 @@ from typing import Any
 
 import redis
 
+from batchery.local import RedisServer, WorkerProcess
 from bench.run import make_images, model_folder, run_bulk, run_online, wait_ready
 from producer.client import Client
-from producer.local import RedisServer, WorkerProcess
 from producer.settings import Settings
 from producer.wire import STATS_KEY
 

@@ -13,8 +13,8 @@ import json
 import time
 from pathlib import Path
 
+from batchery.local import GatewayProcess
 from bench.run import Row, concurrently
-from producer.local import GatewayProcess
 
 
 def post(conn: http.client.HTTPConnection, data: bytes) -> dict[str, object]:

@@ -25,10 +25,10 @@ from pathlib import Path
 import numpy as np
 import redis
 
+from batchery.local import RedisServer, WorkerProcess
 from bench.photos import full_decode, make_photos
 from bench.run import Row, run_batches, run_bulk, run_tutorial, wait_ready
 from producer.client import Client
-from producer.local import RedisServer, WorkerProcess
 from producer.registry import ModelInfo
 from producer.settings import Settings
 

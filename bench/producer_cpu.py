@@ -33,8 +33,8 @@ from pathlib import Path
 
 import redis
 
+from batchery.local import RedisServer
 from producer.ledger import settle
-from producer.local import RedisServer
 from producer.wire import PRIORITIES, JobResult, encode_result_meta, queue_key, result_key
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -156,7 +156,7 @@ def classify_cpu(url: str, folder: Path, files: int, args: Sequence[str] = ()) -
     out = folder.with_suffix(".jsonl")
     env = {**os.environ, "BATCHERY_REDIS_URL": url, "BATCHERY_QUEUE": QUEUE}
     child = subprocess.Popen(
-        [sys.executable, "-m", "producer.cli", "classify", str(folder), "-o", str(out), *args],
+        [sys.executable, "-m", "batchery.cli", "classify", str(folder), "-o", str(out), *args],
         env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )  # fmt: skip
     _, status, usage = os.wait4(child.pid, 0)

@@ -19,8 +19,8 @@ from typing import Any
 import ray
 from ray import serve
 
+from batchery.local import free_port
 from bench.run import Row, concurrently, one_at_a_time
-from producer.local import free_port
 from producer.registry import ModelInfo
 from producer.settings import Settings
 

@@ -23,6 +23,7 @@ import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
+from batchery.local import RedisServer, WorkerProcess
 from bench.run import (
     ROOT,
     Row,
@@ -34,7 +35,6 @@ from bench.run import (
     wait_ready,
 )
 from producer.client import Client
-from producer.local import RedisServer, WorkerProcess
 from producer.registry import Registry
 from producer.settings import Settings
 

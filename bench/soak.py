@@ -27,8 +27,8 @@ from pathlib import Path
 
 import numpy as np
 
+from batchery.local import RedisServer, WorkerProcess
 from producer.client import Client
-from producer.local import RedisServer, WorkerProcess
 from producer.settings import Settings
 from producer.wire import STATS_KEY, SUCCESS
 

@@ -13,8 +13,8 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from batchery.local import WorkerProcess
 from producer.client import Client
-from producer.local import WorkerProcess
 
 ROOT = Path(__file__).resolve().parent.parent
 DIGITS = ROOT / "examples" / "digits"

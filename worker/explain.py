@@ -35,7 +35,7 @@ Attributor = Callable[[np.ndarray, np.ndarray], np.ndarray]
 
 def attributor(model: Any, info: ModelInfo) -> Attributor:
     """Integrated Gradients for ``model`` (a Keras model), traced once per worker process."""
-    from worker.models import tensorflow
+    from worker.tf import tensorflow
 
     tf = tensorflow()
     spec = tf.TensorSpec([None, *info.input_shape], tf.float32)

@@ -6,8 +6,8 @@ from collections.abc import Iterator
 
 import pytest
 
+from batchery.local import RedisServer, WorkerProcess
 from producer.client import Client
-from producer.local import RedisServer, WorkerProcess
 from producer.settings import Settings
 from tests.factories import wait_until_serving
 

@@ -14,9 +14,9 @@ import time
 from datetime import datetime
 from typing import Any
 
+from batchery.status import collect
 from producer.client import Client
 from producer.settings import Settings
-from producer.status import collect
 from producer.wire import STATS_KEY, queue_key, result_key
 from tests.factories import digit_paths, label_of
 

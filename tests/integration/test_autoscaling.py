@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 
+from batchery.local import RedisServer
 from producer.client import Client
-from producer.local import RedisServer
 from tests.factories import digit_paths
 
 pytestmark = pytest.mark.integration

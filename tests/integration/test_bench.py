@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from batchery.local import RedisServer
 from bench.run import (
     make_images,
     run_batches,
@@ -20,11 +21,10 @@ from bench.run import (
     run_mixed,
     run_online,
     run_tutorial,
-    table,
     worker_peak_rss,
 )
+from bench.suite import table
 from producer.client import Client
-from producer.local import RedisServer
 from producer.registry import Registry
 from producer.settings import Settings
 

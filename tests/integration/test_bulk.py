@@ -88,7 +88,7 @@ def test_results_are_forgotten_unless_kept(client: Client, tmp_path) -> None:
 def test_killed_midway_then_resumed_every_path_exactly_once(redis_server, worker, tmp_path):
     files = make_folder(tmp_path / "in", 40)  # 4,000 files
     out = tmp_path / "out.jsonl"
-    cmd = [sys.executable, "-m", "producer.cli", "classify", str(tmp_path / "in"), "-o", str(out),
+    cmd = [sys.executable, "-m", "batchery.cli", "classify", str(tmp_path / "in"), "-o", str(out),
            "--window", "256"]  # fmt: skip
     env = {**os.environ, "BATCHERY_REDIS_URL": redis_server.url}
     proc = subprocess.Popen(cmd, env=env, stderr=subprocess.DEVNULL, cwd=ROOT)
@@ -117,7 +117,7 @@ def test_cli_prints_progress_and_a_summary(redis_server, worker, tmp_path) -> No
     listing = tmp_path / "list.txt"
     listing.write_text("\n".join(str(p) for p in sorted((tmp_path / "in").rglob("*.png"))[:50]))
     proc = subprocess.run(
-        [sys.executable, "-m", "producer.cli", "classify", str(tmp_path / "in" / "set000"),
+        [sys.executable, "-m", "batchery.cli", "classify", str(tmp_path / "in" / "set000"),
          f"@{listing}", "-o", str(tmp_path / "out.jsonl")],
         env={**os.environ, "BATCHERY_REDIS_URL": redis_server.url},
         capture_output=True, text=True, cwd=ROOT, timeout=120,

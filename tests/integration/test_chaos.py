@@ -19,8 +19,8 @@ from pathlib import Path
 
 import pytest
 
+from batchery.local import RedisServer, WorkerProcess
 from producer.client import Client
-from producer.local import RedisServer, WorkerProcess
 from producer.settings import Settings
 from producer.wire import STATS_KEY, UNACKED_KEY, deaths_key, heartbeat_key
 from tests.factories import digit_paths, label_of, wait_until_serving

@@ -13,7 +13,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from producer.local import free_port
+from batchery.local import free_port
 
 pytestmark = pytest.mark.integration
 ROOT = Path(__file__).resolve().parents[2]
@@ -28,7 +28,7 @@ def accuracy_of(output: str) -> float:
 def test_demo_starts_redis_and_a_worker_when_none_answers() -> None:
     dead = f"redis://127.0.0.1:{free_port()}/0"
     proc = subprocess.run(
-        [sys.executable, "-m", "producer.cli", "demo"],
+        [sys.executable, "-m", "batchery.cli", "demo"],
         capture_output=True,
         text=True,
         cwd=ROOT,
@@ -47,7 +47,7 @@ def test_make_serve_runs_the_demo_then_serves_the_page_until_interrupted() -> No
     port = free_port()
     dead = f"redis://127.0.0.1:{free_port()}/0"
     proc = subprocess.Popen(
-        [sys.executable, "-m", "producer.cli", "demo", "--serve", str(port)],
+        [sys.executable, "-m", "batchery.cli", "demo", "--serve", str(port)],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT,
         env={**os.environ, "BATCHERY_REDIS_URL": dead}, start_new_session=True,
     )  # fmt: skip
@@ -87,7 +87,7 @@ def test_make_serve_runs_the_demo_then_serves_the_page_until_interrupted() -> No
 
 def test_demo_uses_the_workers_already_serving_redis(redis_server, worker) -> None:
     proc = subprocess.run(
-        [sys.executable, "-m", "producer.cli", "demo", "--no-worker"],
+        [sys.executable, "-m", "batchery.cli", "demo", "--no-worker"],
         capture_output=True,
         text=True,
         cwd=ROOT,

@@ -20,9 +20,9 @@ from typing import Any
 import pytest
 from celery import Celery
 
+from batchery.local import RedisServer, WorkerProcess
 from producer.client import Client
 from producer.ledger import Ledger
-from producer.local import RedisServer, WorkerProcess
 from producer.registry import META_FILE, Registry, sha256_of
 from producer.settings import Settings
 from producer.wire import (

@@ -22,9 +22,9 @@ import httpx
 import pytest
 import trustme
 
+from batchery.local import GatewayProcess, SentinelSet, WorkerProcess
 from producer import connections
 from producer.client import Client
-from producer.local import GatewayProcess, SentinelSet, WorkerProcess
 from producer.settings import Settings
 from producer.wire import STATS_KEY
 from tests.factories import digit_paths, label_of, wait_until_serving
@@ -104,7 +104,7 @@ def test_sigkill_of_the_primary_mid_run_loses_no_job() -> None:
                                 headers={"Content-Type": "image/png"}, timeout=60)  # fmt: skip
             assert answer.status_code == 200, answer.text
             assert answer.json()["jobs"][0]["result"]["label"] == labels[0]
-            status = subprocess.run([sys.executable, "-m", "producer.cli", "status", "--json"],
+            status = subprocess.run([sys.executable, "-m", "batchery.cli", "status", "--json"],
                                     env={**os.environ, **env}, capture_output=True, text=True,
                                     timeout=60, check=True)  # fmt: skip
             assert json.loads(status.stdout)["done"] == JOBS + 1
@@ -136,7 +136,7 @@ def test_sentinels_over_tls_with_an_acl_user_fail_over_too(tmp_path: Path) -> No
             cluster.server(cluster.primary_port()).process.kill()  # type: ignore[union-attr]
             after = client.results(client.submit_many(paths), timeout=120)
             assert [r["label"] for r in after] == [label_of(p) for p in paths]
-            status = subprocess.run([sys.executable, "-m", "producer.cli", "status", "--json"],
+            status = subprocess.run([sys.executable, "-m", "batchery.cli", "status", "--json"],
                                     env={**os.environ, **env}, capture_output=True, text=True,
                                     timeout=60, check=True)  # fmt: skip
             assert json.loads(status.stdout)["done"] == 100

@@ -16,8 +16,8 @@ import httpx
 import pytest
 from openapi_spec_validator import validate
 
-from producer.apikeys import new_key
-from producer.local import GatewayProcess, RedisServer, WorkerProcess, free_port
+from batchery.local import GatewayProcess, RedisServer, WorkerProcess, free_port
+from gateway.apikeys import new_key
 from producer.wire import queue_key
 from tests.factories import big_rgb_jpeg, digit_paths, label_of
 
@@ -245,7 +245,7 @@ def test_a_wait_past_the_bound_is_cut_to_it(idle: tuple[RedisServer, GatewayProc
 
 
 def test_models_are_the_registry_as_the_cli_lists_it(http: httpx.Client) -> None:
-    listed = subprocess.run([sys.executable, "-m", "producer.cli", "models", "list", "--json"],
+    listed = subprocess.run([sys.executable, "-m", "batchery.cli", "models", "list", "--json"],
                             capture_output=True, text=True, check=True).stdout  # fmt: skip
     assert http.get("/v1/models").json() == json.loads(listed)
 
@@ -377,7 +377,7 @@ def test_slow_senders_are_timed_out(redis_server: RedisServer) -> None:
 
 def test_no_keys_and_a_public_address_is_refused_at_start() -> None:
     done = subprocess.run(
-        [sys.executable, "-m", "producer.cli", "serve", "--host", "0.0.0.0", "--port",
+        [sys.executable, "-m", "batchery.cli", "serve", "--host", "0.0.0.0", "--port",
          str(free_port())],
         capture_output=True, text=True, timeout=60, env={"PATH": "/usr/bin:/bin"},
     )  # fmt: skip
@@ -503,7 +503,7 @@ def test_a_public_address_without_keys_needs_allow_unauthenticated(
     redis_server: RedisServer, tmp_path: Path
 ) -> None:
     refused = subprocess.run(
-        [sys.executable, "-m", "producer.cli", "serve", "--host", "0.0.0.0", "--port",
+        [sys.executable, "-m", "batchery.cli", "serve", "--host", "0.0.0.0", "--port",
          str(free_port())],
         capture_output=True, text=True, timeout=60,
         env={"PATH": "/usr/bin:/bin", "BATCHERY_REDIS_URL": redis_server.url},

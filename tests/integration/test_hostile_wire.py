@@ -19,8 +19,8 @@ from typing import Any
 import numpy as np
 import pytest
 
+from batchery.local import WorkerProcess
 from producer.client import Client
-from producer.local import WorkerProcess
 from producer.settings import Settings
 from producer.wire import Job, build_message, ledger_due_key, ledger_key
 from tests.factories import bomb_png, corrupt_png, digit_image, digit_paths, encode

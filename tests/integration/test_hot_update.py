@@ -11,8 +11,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from batchery.local import RedisServer, WorkerProcess
 from producer.client import Client
-from producer.local import RedisServer, WorkerProcess
 from producer.registry import Registry
 from producer.settings import Settings
 from tests.factories import digit_paths, wait_until_serving

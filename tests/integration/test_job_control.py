@@ -18,8 +18,8 @@ from pathlib import Path
 import pytest
 import redis
 
+from batchery.local import RedisServer
 from producer.client import Client
-from producer.local import RedisServer
 from producer.wire import (
     CANCELLED,
     EXPIRED,
@@ -108,7 +108,7 @@ def test_an_interrupted_classify_leaves_nothing_to_compute(
     make_images(tmp_path / "in", 20_000, "reference")
     out = tmp_path / "out.jsonl"
     env = {**os.environ, "BATCHERY_REDIS_URL": redis_server.url}
-    cmd = [sys.executable, "-m", "producer.cli", "classify", str(tmp_path / "in"), "-o", str(out)]
+    cmd = [sys.executable, "-m", "batchery.cli", "classify", str(tmp_path / "in"), "-o", str(out)]
     run = subprocess.Popen(cmd, env=env, stderr=subprocess.PIPE, text=True, cwd=ROOT)
     deadline = time.monotonic() + 60
     while not out.exists() or sum(1 for _ in out.open()) < 1_000:
@@ -142,7 +142,7 @@ def test_classify_submits_at_low_priority_by_default(
     # No worker serves this queue: what classify pushed stays in Redis to be read.
     queue = f"classify-unserved-{uuid.uuid4().hex[:8]}"
     env = {**os.environ, "BATCHERY_REDIS_URL": redis_server.url, "BATCHERY_QUEUE": queue}
-    cmd = [sys.executable, "-m", "producer.cli", "classify", *map(str, digit_paths(3)),
+    cmd = [sys.executable, "-m", "batchery.cli", "classify", *map(str, digit_paths(3)),
            "-o", str(tmp_path / "out.jsonl")]  # fmt: skip
     r = redis.Redis.from_url(redis_server.url)
     lists = {p: queue_key(queue, p) for p in PRIORITIES}

@@ -20,9 +20,9 @@ from pathlib import Path
 import pytest
 import trustme
 
+from batchery.local import RedisServer, WorkerProcess, free_port
 from producer.client import Client
 from producer.errors import RedisUnavailableError
-from producer.local import RedisServer, WorkerProcess, free_port
 from producer.registry import Registry
 from producer.settings import Settings
 from producer.signing import Signer
@@ -47,7 +47,7 @@ def answered(client: Client, n: int = 4) -> list[dict]:
 def status_output(env: dict[str, str]) -> dict:
     """``batchery status --json`` as a dict, after checking no password is anywhere in it."""
     shown = subprocess.run(
-        [sys.executable, "-m", "producer.cli", "status", "--json"],
+        [sys.executable, "-m", "batchery.cli", "status", "--json"],
         env={**os.environ, **env}, capture_output=True, text=True, cwd=ROOT, timeout=60,
     )  # fmt: skip
     assert shown.returncode == 0, shown.stderr

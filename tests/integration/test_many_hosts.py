@@ -104,7 +104,7 @@ def test_a_worker_host_cut_off_mid_run_loses_nothing_and_answers_nothing_twice(
         assert hosts.check("producer", [*ping[:-3], "127.0.0.1", "ping"]).stdout.strip() != "PONG"
         env = {**os.environ, "BATCHERY_REDIS_URL": url, "PYTHONPATH": str(ROOT),
                "BATCHERY_VISIBILITY_TIMEOUT": str(VISIBILITY_S)}  # fmt: skip
-        worker = [sys.executable, "-m", "producer.cli", "worker", "--concurrency", "1",
+        worker = [sys.executable, "-m", "batchery.cli", "worker", "--concurrency", "1",
                   "--batch-size", "16"]  # fmt: skip
         for name in ("worker1", "worker2"):
             hosts.run(name, worker, env=env, log=tmp_path / f"{name}.log")

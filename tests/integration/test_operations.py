@@ -21,8 +21,8 @@ from pathlib import Path
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from batchery.local import RedisServer, WorkerProcess, free_port
 from producer.client import Client
-from producer.local import RedisServer, WorkerProcess, free_port
 from producer.registry import Registry
 from tests.factories import corrupt_png, digit_paths, wait_until_serving
 from worker.metrics import EXPORTED
@@ -168,7 +168,7 @@ def test_logs_are_one_json_object_a_line_with_job_ids(ops: OpsWorker) -> None:
 
 def run_cli(url: str, *args: str, **kwargs: object) -> subprocess.Popen[str]:
     return subprocess.Popen(
-        [sys.executable, "-m", "producer.cli", *args],
+        [sys.executable, "-m", "batchery.cli", *args],
         env={**os.environ, "BATCHERY_REDIS_URL": url}, cwd=ROOT, text=True,
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, **kwargs,  # type: ignore[arg-type]
     )  # fmt: skip

@@ -17,10 +17,10 @@ from pathlib import Path
 import pytest
 import redis
 
+from batchery.local import RedisServer, WorkerProcess
 from bench.photos import make_photo
 from producer.bulk import REDIS_COPIES, classify
 from producer.client import Client
-from producer.local import RedisServer, WorkerProcess
 from producer.settings import Settings
 from tests.factories import wait_until_serving
 
@@ -55,7 +55,7 @@ def reader(shared: Path) -> Iterator[tuple[RedisServer, WorkerProcess]]:
 
 def run_cli(url: str, *args: str) -> list[dict]:
     out = Path(args[args.index("-o") + 1])
-    done = subprocess.run([sys.executable, "-m", "producer.cli", "classify", *args],
+    done = subprocess.run([sys.executable, "-m", "batchery.cli", "classify", *args],
                           capture_output=True, text=True, cwd=ROOT, timeout=300,
                           env={**os.environ, "BATCHERY_REDIS_URL": url})  # fmt: skip
     assert done.returncode in (0, 1), done.stderr
@@ -169,7 +169,7 @@ def test_shrink_sends_the_model_sized_png_not_the_photo(shared: Path, tmp_path: 
     photo = shared / "photos" / "p0.jpg"
     with RedisServer() as server:  # no worker: the message stays in Redis to be read
         env = {**os.environ, "BATCHERY_REDIS_URL": server.url}
-        run = subprocess.Popen([sys.executable, "-m", "producer.cli", "classify", str(photo),
+        run = subprocess.Popen([sys.executable, "-m", "batchery.cli", "classify", str(photo),
                                 "--shrink", "-o", str(tmp_path / "out.jsonl")],
                                env=env, cwd=ROOT, stderr=subprocess.PIPE, text=True)  # fmt: skip
         r = redis.Redis.from_url(server.url)

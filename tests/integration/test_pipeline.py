@@ -122,7 +122,7 @@ def test_results_expire(client: Client) -> None:
 def run_cli(redis_url: str, *args: str) -> subprocess.CompletedProcess[str]:
     env = {**os.environ, "BATCHERY_REDIS_URL": redis_url}
     return subprocess.run(
-        [sys.executable, "-m", "producer.cli", *args],
+        [sys.executable, "-m", "batchery.cli", *args],
         capture_output=True,
         text=True,
         env=env,

@@ -6,9 +6,9 @@ import pytest
 import redis
 from PIL import Image
 
+from batchery.local import RedisServer
 from producer.client import Client
 from producer.errors import QueueFullError
-from producer.local import RedisServer
 from producer.settings import Settings
 from tests.factories import digit_paths, encode, noise_array
 

@@ -14,9 +14,9 @@ import httpx
 import pytest
 import redis
 
+from batchery.local import GatewayProcess, RedisServer, WorkerProcess
 from producer.client import Client
 from producer.errors import ReplicaAckError
-from producer.local import GatewayProcess, RedisServer, WorkerProcess
 from producer.settings import Settings
 from producer.wire import UNACKED_KEY, ledger_key, queue_key
 from tests.factories import digit_paths

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
+from batchery.local import RedisServer, WorkerProcess
 from producer.client import Client
-from producer.local import RedisServer, WorkerProcess
 from producer.registry import Registry
 from producer.settings import Settings
 from producer.wire import STATS_KEY

@@ -9,8 +9,8 @@ from typing import Any
 import pytest
 import redis.asyncio as aioredis
 
-from producer.local import RedisServer
-from producer.waiter import ResultWaiter
+from batchery.local import RedisServer
+from gateway.waiter import ResultWaiter
 from producer.wire import result_key
 
 pytestmark = pytest.mark.integration

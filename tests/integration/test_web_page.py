@@ -17,8 +17,8 @@ from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.common.by import By
 from selenium.webdriver.remote.webdriver import WebDriver
 
-from producer.apikeys import new_key
-from producer.local import GatewayProcess, RedisServer, WorkerProcess
+from batchery.local import GatewayProcess, RedisServer, WorkerProcess
+from gateway.apikeys import new_key
 from tests.factories import digit_paths, label_of
 
 pytestmark = pytest.mark.integration

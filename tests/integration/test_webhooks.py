@@ -15,7 +15,7 @@ import pytest
 import redis
 from prometheus_client.parser import text_string_to_metric_families
 
-from producer.local import GatewayProcess, RedisServer, WorkerProcess, free_port
+from batchery.local import GatewayProcess, RedisServer, WorkerProcess, free_port
 from producer.webhooks import verify
 from producer.wire import (
     WEBHOOK_FAILED_KEY,

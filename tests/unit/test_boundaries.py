@@ -11,9 +11,9 @@ ROOT = Path(__file__).resolve().parents[2]
 
 def test_producer_never_imports_tensorflow() -> None:
     code = (
-        "import sys, producer, producer.cli, producer.client, producer.demo, producer.local, "
+        "import sys, producer, batchery.cli, producer.client, batchery.demo, batchery.local, "
         "producer.registry, producer.images, producer.wire\n"
-        "from producer.cli import main\n"
+        "from batchery.cli import main\n"
         "try:\n    main(['submit', '--help'])\nexcept SystemExit:\n    pass\n"
         "heavy = ('tensorflow', 'keras', 'celery_batches', 'worker')\n"
         "heavy = [m for m in heavy if m in sys.modules]\n"

@@ -170,7 +170,7 @@ def test_services_run_commands_the_cli_accepts() -> None:
     commands["healthcheck"] = services["worker"]["healthcheck"]["test"][2:]
     for name, command in commands.items():
         proc = subprocess.run(
-            [sys.executable, "-m", "producer.cli", command[0], "--help"],
+            [sys.executable, "-m", "batchery.cli", command[0], "--help"],
             capture_output=True,
             text=True,
             cwd=ROOT,
@@ -227,7 +227,7 @@ def test_the_gateway_scales_on_loopback_and_takes_keys_when_given(tmp_path: Path
     assert gateway["entrypoint"] == ["sh", "-c"]
     [script] = gateway["command"]
     serve = script.split("exec batchery ", 1)[1].split()
-    proc = subprocess.run([sys.executable, "-m", "producer.cli", *serve[:1], "--help"],
+    proc = subprocess.run([sys.executable, "-m", "batchery.cli", *serve[:1], "--help"],
                           capture_output=True, text=True, cwd=ROOT)  # fmt: skip
     assert proc.returncode == 0
     assert all(flag in proc.stdout for flag in serve if flag.startswith("--"))

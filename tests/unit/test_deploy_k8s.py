@@ -13,7 +13,7 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from producer.guard import GatewayMetrics
+from gateway.guard import GatewayMetrics
 from producer.settings import Settings
 from worker.metrics import EXPORTED
 

@@ -13,13 +13,13 @@ import pytest
 from openapi_spec_validator import validate
 from starlette.routing import Mount, Route
 
-from producer import openapi
-from producer.apikeys import ApiKeys, digest, new_key
+from gateway import openapi
+from gateway.apikeys import ApiKeys, digest, new_key
+from gateway.app import create_app, is_loopback, serve
+from gateway.outbox import Outbox
+from gateway.waiter import ResultWaiter
 from producer.errors import ConfigError, QueueFullError
-from producer.gateway import create_app, is_loopback, serve
-from producer.outbox import Outbox
 from producer.settings import Settings
-from producer.waiter import ResultWaiter
 from producer.wire import (
     Job,
     JobResult,

@@ -145,7 +145,7 @@ def test_a_job_cancelled_while_its_batch_ran_is_counted_not_answered(runner, fak
 @pytest.fixture
 def batchery(fake_redis, monkeypatch) -> Any:
     """``batchery ARGS...`` run in this process (its exit status), its Client on fakeredis."""
-    from producer import cli
+    from batchery import cli
 
     def on_fake(settings: Settings) -> Client:
         return Client(settings=settings, redis_client=fake_redis)

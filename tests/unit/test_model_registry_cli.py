@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from producer.cli import main
+from batchery.cli import main
 from producer.client import Client
 from producer.errors import ModelLoadError, ModelNotFoundError
 from producer.registry import Registry, sha256_of

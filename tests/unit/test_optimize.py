@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from producer.cli import main
+from batchery.cli import main
 from producer.errors import PromotionRefusedError
 from producer.registry import Registry
 from tests.factories import DIGITS, label_of

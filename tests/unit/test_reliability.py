@@ -8,9 +8,9 @@ from pathlib import Path
 import fakeredis
 import pytest
 
+from batchery.status import collect, render
 from producer.client import Client
 from producer.settings import Settings
-from producer.status import collect, render
 from producer.wire import (
     DEAD_LETTER_KEY,
     STATS_KEY,

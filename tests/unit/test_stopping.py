@@ -10,8 +10,8 @@ from typing import Any
 
 import pytest
 
-from producer import status
-from producer.stopping import stop_on_signals
+from batchery import status
+from batchery.stopping import stop_on_signals
 
 
 class InterruptedWhileCollected:

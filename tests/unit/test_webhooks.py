@@ -18,10 +18,11 @@ from typing import Any
 import fakeredis
 import pytest
 
+from gateway.delivery import Deliverer, backoff
 from producer.client import Client
 from producer.errors import InvalidJobError, WebhookRefusedError
 from producer.settings import Settings
-from producer.webhooks import Deliverer, WebhookPolicy, backoff, sign, verify
+from producer.webhooks import WebhookPolicy, sign, verify
 from producer.wire import (
     STATS_KEY,
     WEBHOOK_FAILED_KEY,

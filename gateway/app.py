@@ -1,9 +1,9 @@
 """``batchery serve``: the HTTP gateway, a producer like any other (no TensorFlow).
 
 Checks what it is sent with the :class:`~producer.client.Client`'s own checks, pushes from
-its event loop (:mod:`producer.outbox`), waits on one shared subscriber connection
-(:mod:`producer.waiter`), delivers webhooks (:mod:`producer.webhooks`), and serves the page
-in ``producer/web/``. Stateless: run as many
+its event loop (:mod:`gateway.outbox`), waits on one shared subscriber connection
+(:mod:`gateway.waiter`), delivers webhooks (:mod:`gateway.delivery`), and serves the page
+in ``gateway/web/``. Stateless: run as many
 as needed behind a load balancer; they share everything through Redis.
 """
 
@@ -32,8 +32,13 @@ from starlette.responses import FileResponse, HTMLResponse, JSONResponse, Respon
 from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
-from producer import connections, openapi
-from producer.apikeys import ApiKeys, RateLimiter
+from gateway import openapi
+from gateway.apikeys import ApiKeys, RateLimiter
+from gateway.delivery import Deliverer
+from gateway.guard import GatewayMetrics, Guard, headers_in_time
+from gateway.outbox import Outbox
+from gateway.waiter import ResultWaiter
+from producer import connections
 from producer.client import Client
 from producer.errors import (
     BatcheryError,
@@ -48,14 +53,10 @@ from producer.errors import (
     WebhookRefusedError,
     WireError,
 )
-from producer.guard import GatewayMetrics, Guard, headers_in_time
 from producer.images import check_image_bytes
 from producer.ledger import backlog_jobs
-from producer.outbox import Outbox
 from producer.registry import Registry
 from producer.settings import Settings, redact_url
-from producer.waiter import ResultWaiter
-from producer.webhooks import Deliverer
 from producer.wire import (
     HEARTBEAT_PREFIX,
     MAX_JOBS_PER_MESSAGE,

@@ -319,9 +319,9 @@ def _submit(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _explain(args: argparse.Namespace, settings: Settings) -> int:
+    from batchery.overlays import write_overlays
     from producer.client import Client
     from producer.images import image_bytes
-    from producer.overlays import write_overlays
 
     name, _, version = (args.model or "").partition("@")
     limits = settings.max_image_bytes, settings.max_image_pixels
@@ -475,12 +475,12 @@ def _models(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _status(args: argparse.Namespace, settings: Settings) -> int:
+    from batchery.status import collect, render
     from producer.client import Client
-    from producer.status import collect, render
 
     with Client(settings=settings) as client:
         if args.watch is not None:
-            from producer.status import watch
+            from batchery.status import watch
 
             watch(client, max(0.1, args.watch), as_json=args.json)
             return 0
@@ -496,13 +496,13 @@ def _status(args: argparse.Namespace, settings: Settings) -> int:
 
 def _serve(args: argparse.Namespace, settings: Settings) -> int:
     if args.new_key:
-        from producer.apikeys import new_key
+        from gateway.apikeys import new_key
 
         key, line = new_key(args.new_key)
         print(f"key (give it to {args.new_key}; it is not stored anywhere): {key}")
         print(f"line for the BATCHERY_API_KEYS file: {line}")
         return 0
-    from producer.gateway import serve
+    from gateway.app import serve
 
     serve(settings, args.host, args.port, webhooks=not args.no_webhooks,
           allow_unauthenticated=args.allow_unauthenticated,
@@ -513,7 +513,7 @@ def _serve(args: argparse.Namespace, settings: Settings) -> int:
 def _bench(args: argparse.Namespace, settings: Settings) -> int:
     import os
 
-    from bench.run import run_bench
+    from bench.suite import run_bench
 
     workers = args.workers or os.cpu_count() or 1
     if args.capacity:
@@ -522,7 +522,7 @@ def _bench(args: argparse.Namespace, settings: Settings) -> int:
         run_capacity(args.images or 20000)
         return 0
     if args.photos:
-        from bench.run import run_photo_bench
+        from bench.suite import run_photo_bench
 
         run_photo_bench(args.photos, workers)
         return 0
@@ -532,7 +532,7 @@ def _bench(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _demo(args: argparse.Namespace, settings: Settings) -> int:
-    from producer.demo import DEFAULT_DIGITS, run_demo
+    from batchery.demo import DEFAULT_DIGITS, run_demo
 
     run_demo(settings, args.digits or DEFAULT_DIGITS, sys.stdout, start_worker=not args.no_worker,
              serve_port=args.serve)  # fmt: skip

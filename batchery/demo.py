@@ -8,11 +8,11 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any, TextIO
 
+from batchery.local import RedisServer, WorkerProcess
 from producer import connections
 from producer.client import Client
 from producer.errors import RedisUnavailableError
 from producer.images import IMAGE_EXTENSIONS
-from producer.local import RedisServer, WorkerProcess
 from producer.settings import Settings, redact_url
 from producer.wire import SUCCESS
 
@@ -75,7 +75,7 @@ def run_demo(
         elapsed = time.monotonic() - started
         accuracy = report(files, results, elapsed, out)
         if serve_port is not None:
-            from producer.gateway import serve
+            from gateway.app import serve
 
             print(f"\nthe web page: open http://127.0.0.1:{serve_port} (Ctrl-C stops it all)",
                   file=out, flush=True)  # fmt: skip

@@ -122,7 +122,7 @@ class GatewayProcess:
         """Start it and wait until ``/healthz`` answers."""
         with self.log_path.open("ab") as log:
             self.process = subprocess.Popen(
-                [sys.executable, "-m", "producer.cli", "serve", "--port", str(self.port),
+                [sys.executable, "-m", "batchery.cli", "serve", "--port", str(self.port),
                  *self.args],
                 env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
             )  # fmt: skip
@@ -194,7 +194,7 @@ class WorkerProcess:
         """Start the worker in its own process group."""
         with self.log_path.open("ab") as log:
             self.process = subprocess.Popen(
-                [sys.executable, "-m", "producer.cli", "worker", *self.args],
+                [sys.executable, "-m", "batchery.cli", "worker", *self.args],
                 env=self.env,
                 stdout=log,
                 stderr=subprocess.STDOUT,
