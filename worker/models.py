@@ -24,6 +24,7 @@ from worker.tf import tensorflow
 
 log = logging.getLogger(__name__)
 
+
 class LoadedModel:
     """A model ready to serve: checked, loaded, compiled and warmed up."""
 

@@ -74,7 +74,7 @@ def test_no_module_is_in_a_circle_of_imports() -> None:
     def visit(node: str, path: list[str], on_path: set[str], done: set[str]) -> None:
         for nxt in sorted(edges.get(node, ())):
             if nxt in on_path:
-                circles.append([*path[path.index(nxt):], nxt])
+                circles.append([*path[path.index(nxt) :], nxt])
             elif nxt not in done:
                 visit(nxt, [*path, nxt], on_path | {nxt}, done)
         done.add(node)
