@@ -139,9 +139,10 @@ def test_a_worker_host_cut_off_mid_run_loses_nothing_and_answers_nothing_twice(
               f"timeout {VISIBILITY_S} s), cut for {restored_at - cut_at:.0f} s")  # fmt: skip
         assert lost == 0, f"{lost} jobs not answered"
         assert done == JOBS, "a job was answered twice, or an answer not counted"
-        # The cut host went on computing what it held, and stored it once plugged back in:
-        # those late answers were discarded (counted, never shown), not answered twice.
-        assert twice > 0, "the cut host's late answers were never seen: was it holding jobs?"
+        # Late answers of the cut host, if it had a batch in flight at the cut, were
+        # discarded: counted in `twice`, never in `done` (asserted just above). Whether it
+        # had one is chance: batches of at most 64 jobs take milliseconds (16 were seen in
+        # one run, 0 in another), so `twice > 0` is printed, not asserted.
         assert report["right"] >= JOBS * 0.95  # the model's own error rate here is ~3%
         # The cut host held jobs: they were answered elsewhere once their messages came back.
         assert VISIBILITY_S - 1 < recovered_s < RECOVERY_BOUND_S
