@@ -220,6 +220,15 @@ def settle(pipe: Any, queue: str, message_ids: Sequence[str]) -> None:
         pipe.eval(_SETTLE, len(keys), *keys, *message_ids)
 
 
+def settle_part(pipe: Any, queue: str, message_id: str, jobs: int) -> None:
+    """``jobs`` of a split message's jobs were answered (by one of its parts): take them off
+    the backlog now, and off its count in the ledger, so the backlog stays the jobs not
+    answered; the message itself is struck off by :func:`settle` once every part is done
+    (added to a pipeline the caller runs)."""
+    if jobs > 0:
+        pipe.eval(_SETTLE_PART, 2, ledger_jobs_key(queue), backlog_key(queue), message_id, jobs)
+
+
 def backlog(client: redis.Redis, queue: str) -> int:
     """Jobs pushed on ``queue`` through the ledger and not answered yet (see
     :func:`producer.wire.backlog_key`)."""
@@ -233,6 +242,17 @@ def backlog_jobs(raw: bytes | str | None) -> int:
 
 
 # KEYS: ledger, due, jobs hash, backlog counter. ARGV: message ids.
+# KEYS: the jobs hash, the backlog counter. ARGV: message id, jobs answered by one part.
+_SETTLE_PART = """
+local count = redis.call('HGET', KEYS[1], ARGV[1])
+if not count then return 0 end
+local n = math.min(tonumber(ARGV[2]), tonumber(count))
+if n <= 0 then return 0 end
+redis.call('HSET', KEYS[1], ARGV[1], tonumber(count) - n)
+if redis.call('DECRBY', KEYS[2], n) < 0 then redis.call('SET', KEYS[2], 0) end
+return n
+"""
+
 _SETTLE = """
 local gone = 0
 for _, id in ipairs(ARGV) do

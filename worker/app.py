@@ -25,7 +25,7 @@ from redis.retry import Retry
 
 from producer import connections
 from producer.errors import BatcheryError, ConfigError
-from producer.ledger import backlog_jobs
+from producer.ledger import backlog_jobs, settle
 from producer.registry import ModelInfo, Registry
 from producer.settings import Settings, redact_url
 from producer.wire import (
@@ -142,6 +142,24 @@ def count_deaths(
     return record
 
 
+def settle_messages(
+    settings: Settings, connect: Callable[[Settings], redis.Redis] = redis_client
+) -> Callable[[list[str]], None]:
+    """What the main process does once every part of a split message is stored: strike it
+    off the ledger and its jobs off the backlog (a whole message is settled with its
+    results, in the batch's own round trip)."""
+    client: redis.Redis | None = None
+
+    def strike(message_ids: list[str]) -> None:
+        nonlocal client
+        client = client or connect(settings)
+        with client.pipeline(transaction=False) as pipe:
+            settle(pipe, settings.queue, message_ids)
+            pipe.execute()
+
+    return strike
+
+
 # KEYS: result key, deaths key, per job. ARGV[1]: the deaths keys' TTL.
 _COUNT_DEATHS = """
 local counted = 0
@@ -221,6 +239,7 @@ def create_app(settings: Settings) -> Celery:
         budget_s=settings.batch_budget_ms / 1000.0,
         time_limit=settings.batch_time_limit_s,
         on_worker_lost=staticmethod(count_deaths(settings)),  # a plain function, not a method
+        settle_split=staticmethod(settle_messages(settings)),
         ignore_result=True,
     )
     def classify(requests: Sequence[RequestLike]) -> tuple[str, float, bool, list[Any]]:

@@ -134,7 +134,7 @@ class Held:
     was taken or one of its batches failed.
     """
 
-    __slots__ = ("alone", "died", "failure", "jobs", "kinds", "priority", "request",
+    __slots__ = ("alone", "died", "failure", "jobs", "kinds", "parts", "priority", "request",
                  "running", "size", "started_at", "taken")  # fmt: skip
 
     def __init__(self, request: Any) -> None:
@@ -150,6 +150,7 @@ class Held:
         self.priority = request_priority(request)
         self.taken = 0
         self.running = 0
+        self.parts = 0
         self.failure: str | None = None
         self.died = False
         self.started_at: float | None = None
@@ -164,9 +165,10 @@ class Held:
         simple = SimpleRequest.from_request(self.request)
         if self.jobs is not None and (start, end) != (0, self.size):
             simple.kwargs = {**simple.kwargs, "jobs": self.jobs[start:end]}
-        # Read by worker.tasks: only the part that takes the last jobs strikes the message
-        # off the ledger.
-        simple.settle = end == self.size
+        # Read by worker.tasks: a whole message is struck off the ledger (and its jobs off the
+        # backlog) with its results; a split one by the main process once every part is
+        # stored (DynamicBatches.settle_split): its last part to start may finish first.
+        simple.settle = (start, end) == (0, self.size)
         return simple
 
 
@@ -181,6 +183,9 @@ class DynamicBatches(Batches):
     budget_s = 0.0
     #: Called with the job ids of a batch whose pool process died (set by the app).
     on_worker_lost: Callable[[list[str]], None] | None = None
+    #: Called with a split message's id once all its parts are stored, before its ack:
+    #: strikes it off the ledger and its jobs off the backlog (set by the app).
+    settle_split: Callable[[list[str]], None] | None = None
     #: Seconds a batch may run before its pool process is killed (None: no limit).
     time_limit: float | None = None
     _tref: Any  # celery-batches' flush timer
@@ -392,6 +397,7 @@ class DynamicBatches(Batches):
         )
         for held, start, end in parts:
             held.running += 1
+            held.parts += 1
             if held.started_at is None:
                 held.started_at = started
                 self._event("task-started", held.request.id)
@@ -411,6 +417,11 @@ class DynamicBatches(Batches):
         request = held.request
         if held.failure is None:
             self._tries.pop(request.id, None)
+            if held.parts > 1 and self.settle_split is not None:
+                try:
+                    self.settle_split([request.id])
+                except Exception:  # the ledger's sweep finds it answered later: no harm
+                    log.exception("could not strike a split message off the ledger")
             request.acknowledge()
             runtime = time.monotonic() - (held.started_at or time.monotonic())
             self._event("task-succeeded", request.id, result=repr(BATCH_DONE), runtime=runtime)

@@ -22,7 +22,7 @@ import redis
 from producer.connections import ReplicaAcks
 from producer.errors import BatchContractError, BatcheryError, InvalidImageError, WireError
 from producer.images import read_shared
-from producer.ledger import Ledger, settle
+from producer.ledger import Ledger, settle, settle_part
 from producer.settings import Settings
 from producer.signing import Signer
 from producer.wire import (
@@ -43,6 +43,7 @@ from producer.wire import (
     deaths_key,
     encode_result_meta,
     excerpt,
+    job_ids_in,
     new_job_id,
     read_jobs,
     result_key,
@@ -86,6 +87,8 @@ class BatchRunner:
         #: (model, version) as jobs name them -> the version's own batch budget in seconds
         #: (its manifest's ``batch_budget_ms``), for the main process (worker.budget).
         self.budgets: dict[tuple[str | None, str | None], float] = {}
+        #: Jobs of the batch running that were answered before it (see run and answer).
+        self.answered_before: set[str] = set()
 
     def run(self, requests: Sequence[RequestLike]) -> list[JobResult]:
         """Answer every job in these messages and store the answers; return them.
@@ -99,6 +102,7 @@ class BatchRunner:
         ``poison_kills`` deaths it is failed and dead-lettered instead of run again.
         """
         started = time.time()
+        self.answered_before = set()
         jobs, results, unanswerable = self.read(requests)
         try:
             results.extend(self.answer(jobs))
@@ -113,9 +117,16 @@ class BatchRunner:
         # took its last jobs (worker.batching marks the others ``settle = False``).
         settled = [request.id for request in requests
                    if isinstance(request.id, str) and getattr(request, "settle", True)]  # fmt: skip
+        # A part of a split message takes its newly answered jobs off the backlog at once.
+        answered_before = self.answered_before
+        parts = [
+            (request.id, sum(jid not in answered_before for jid in job_ids_in(request.kwargs)))
+            for request in requests
+            if isinstance(request.id, str) and not getattr(request, "settle", True)
+        ]
         self.store(
             results, quiet={job.id for job in jobs if not job.notify}, settled=settled,
-            refused=unanswerable,
+            refused=unanswerable, parts=parts,
         )  # fmt: skip
         self.report(jobs, results, started)
         return results
@@ -154,6 +165,7 @@ class BatchRunner:
     def answer(self, jobs: Sequence[Job]) -> list[JobResult]:
         """Results for fresh jobs; jobs already answered, or isolated, get none here."""
         answered, deaths = self._history(jobs)
+        self.answered_before = answered
         fresh = [job for job in jobs if job.id not in answered]
         if answered:
             log.info("skipped %d jobs already answered or cancelled", len(answered))
@@ -328,10 +340,11 @@ class BatchRunner:
     def store(
         self, results: Sequence[JobResult], quiet: Collection[str] = (),
         settled: Sequence[str] = (), refused: int = 0,
+        parts: Sequence[tuple[str, int]] = (),
     ) -> None:  # fmt: skip
         """Store a batch's results (see :func:`store_results`)."""
         store_results(self.redis, self.settings.queue, results, self.settings.result_ttl_s,
-                      quiet, settled, refused=refused, acks=self.acks)  # fmt: skip
+                      quiet, settled, refused=refused, acks=self.acks, parts=parts)  # fmt: skip
 
 
 def answer_each(
@@ -374,7 +387,7 @@ def _count(raw: Any) -> int:
 def store_results(
     client: redis.Redis, queue: str, results: Sequence[JobResult], ttl_s: int,
     quiet: Collection[str] = (), settled: Sequence[str] = (), batch: bool = True,
-    refused: int = 0, acks: ReplicaAcks | None = None,
+    refused: int = 0, acks: ReplicaAcks | None = None, parts: Sequence[tuple[str, int]] = (),
 ) -> None:  # fmt: skip
     """Write every result, publish it to waiting clients and count it: one round trip.
 
@@ -402,6 +415,8 @@ def store_results(
         if results:
             pipe.delete(*(deaths_key(result.job_id) for result in results))
         settle(pipe, queue, settled)
+        for message_id, answered in parts:  # parts of split messages (see worker.batching)
+            settle_part(pipe, queue, message_id, answered)
         if acks is not None:
             acks.add(pipe)
         replies = pipe.execute()

@@ -205,6 +205,8 @@ def test_a_256_job_message_split_over_batches_is_answered_once_and_acked_once(
     bulk = delivered("bulk", 256)
     acks: list[str] = []
     bulk.acknowledge = lambda: acks.append("bulk")  # type: ignore[method-assign]
+    struck: list[list[str]] = []
+    task.settle_split = struck.append
     task._buffer.put_nowait(bulk)
     task._do_flush()
     assert [len(pool.jobs(i)) for i in range(len(pool.batches))] == [64, 64]
@@ -217,8 +219,11 @@ def test_a_256_job_message_split_over_batches_is_answered_once_and_acked_once(
     assert acks == ["bulk"]
     sent = [jid for i in range(4) for jid in pool.jobs(i)]
     assert sorted(sent) == sorted(f"bulk-{i}" for i in range(256))  # each job once
+    # A split message is struck off the ledger once, by the main process, when every part
+    # is stored: none of its parts does it (its last part to start may finish first).
     settles = [r.settle for b in pool.batches for r in b["requests"]]
-    assert settles == [False, False, False, True]
+    assert settles == [False, False, False, False]
+    assert struck == [["bulk"]]
 
 
 def test_a_failed_part_gives_the_whole_message_back_once_its_other_parts_finish(
@@ -411,3 +416,17 @@ def test_a_version_with_a_budget_of_its_own_is_cut_to_it(monkeypatch: Any) -> No
     pool.batches[0]["callback"](("stored", 0.050, False, [["photo", None, 0.2]]))
     assert len(pool.jobs(1)) == 4  # 50 ms a photo: 4 fit in 200 ms, none in 25 ms but one
     assert task.budgets == {("photo", None): 0.2}
+
+
+def test_a_whole_message_is_settled_with_its_results_not_by_the_main_process(
+    monkeypatch: Any,
+) -> None:
+    task, pool = pooled(monkeypatch, slots=1, batch_size=64)
+    struck: list[list[str]] = []
+    task.settle_split = struck.append
+    whole = delivered("whole", 10)
+    task._buffer.put_nowait(whole)
+    task._do_flush()
+    assert [r.settle for r in pool.batches[0]["requests"]] == [True]
+    pool.done(0)
+    assert whole.fate == "acked" and struck == []
