@@ -502,11 +502,21 @@ def _serve(args: argparse.Namespace, settings: Settings) -> int:
         print(f"key (give it to {args.new_key}; it is not stored anywhere): {key}")
         print(f"line for the BATCHERY_API_KEYS file: {line}")
         return 0
-    from gateway.app import serve
+    import signal
 
-    serve(settings, args.host, args.port, webhooks=not args.no_webhooks,
-          allow_unauthenticated=args.allow_unauthenticated,
-          log_level=args.loglevel.lower())  # fmt: skip
+    from producer.stopping import stop_on_signals
+
+    # Ctrl-C is how it ends: from here on, wherever it lands, the gateway shuts down and
+    # exits 0 (SIGTERM: uvicorn's, as a container stop expects).
+    with stop_on_signals(signal.SIGINT) as stop:
+        try:
+            from gateway.app import serve
+
+            serve(settings, args.host, args.port, webhooks=not args.no_webhooks,
+                  allow_unauthenticated=args.allow_unauthenticated,
+                  log_level=args.loglevel.lower(), stop=stop)  # fmt: skip
+        except KeyboardInterrupt:
+            pass
     return 0
 
 

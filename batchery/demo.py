@@ -14,6 +14,7 @@ from producer.client import Client
 from producer.errors import RedisUnavailableError
 from producer.images import IMAGE_EXTENSIONS
 from producer.settings import Settings, redact_url
+from producer.stopping import stop_on_signals
 from producer.wire import SUCCESS
 
 DEFAULT_DIGITS = Path(__file__).resolve().parent.parent / "examples" / "digits"
@@ -34,12 +35,15 @@ def run_demo(
     port. Starts a worker unless ``start_worker`` is False (then the workers already serving
     that Redis answer). ``serve_port``: then serve the gateway (the web page and the API) on
     127.0.0.1 at that port, on the same Redis and worker, until interrupted. Stops whatever
-    it started.
+    it started, on the first Ctrl-C (or SIGTERM) wherever it lands: interrupted before it
+    serves, it raises ``KeyboardInterrupt``; while it serves, it returns.
     """
     files = sorted(p for p in Path(digits).iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS)
     if not files:
         raise FileNotFoundError(f"no images in {digits}")
     with ExitStack() as stack:
+        # The flag too: a Ctrl-C Python dropped in a finalizer still stops the waits below.
+        stop = stack.enter_context(stop_on_signals())
         if connections.answers(settings):
             print(f"redis:  using {redact_url(settings.redis_url)}", file=out)
         elif not start_worker:
@@ -63,6 +67,8 @@ def run_demo(
         first = client.submit(files[0])
         deadline = started + timeout
         while client.results([first], timeout=1.0)[0]["status"] not in ("SUCCESS", "FAILURE"):
+            if stop.is_set():
+                raise KeyboardInterrupt
             if worker is not None:
                 worker.check_alive()
             if time.monotonic() > deadline:
@@ -72,6 +78,8 @@ def run_demo(
         started = time.monotonic()
         ids = client.submit_many(files)
         results = client.results(ids, timeout=timeout)
+        if stop.is_set():
+            raise KeyboardInterrupt
         elapsed = time.monotonic() - started
         accuracy = report(files, results, elapsed, out)
         if serve_port is not None:
@@ -79,7 +87,7 @@ def run_demo(
 
             print(f"\nthe web page: open http://127.0.0.1:{serve_port} (Ctrl-C stops it all)",
                   file=out, flush=True)  # fmt: skip
-            serve(settings, "127.0.0.1", serve_port, log_level="warning")
+            serve(settings, "127.0.0.1", serve_port, log_level="warning", stop=stop)
     if serve_port is None:
         print("next: `make serve`, then open http://127.0.0.1:8000 to drop your own digits "
               "(or `batchery serve` beside your workers)", file=out)  # fmt: skip

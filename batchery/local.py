@@ -80,7 +80,10 @@ class RedisServer:
             "no",
             *self.args,
         ]
-        self.process = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+        # Its own session, as the worker's: a Ctrl-C in the terminal reaches the command that
+        # started it, which stops it in turn (after the worker that needs it).
+        self.process = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT,
+                                        start_new_session=True)  # fmt: skip
         deadline = time.monotonic() + timeout
         while not redis_answers(self.ready_url or self.url, 0.2, **self.ready_options):
             if self.process.poll() is not None or time.monotonic() > deadline:

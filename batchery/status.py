@@ -7,10 +7,10 @@ import sys
 import time
 from typing import Any, TextIO
 
-from batchery.stopping import stop_on_signals
 from producer.client import Client
 from producer.ledger import backlog_jobs
 from producer.settings import redact_url
+from producer.stopping import stop_on_signals
 from producer.wire import (
     DEAD_LETTER_KEY,
     HEARTBEAT_PREFIX,
@@ -120,7 +120,7 @@ def watch(client: Client, interval: float, as_json: bool = False, out: TextIO = 
         try:
             before, then = client.retrying(lambda: collect(client)), time.monotonic()
             # The flag, not only the exception: a Ctrl-C that lands in a finalizer is
-            # dropped by Python, and the loop must stop all the same (batchery.stopping).
+            # dropped by Python, and the loop must stop all the same (producer.stopping).
             while not stop.wait(interval):
                 status, now = client.retrying(lambda: collect(client)), time.monotonic()
                 if stop.is_set():

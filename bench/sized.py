@@ -64,7 +64,7 @@ def serving(url: str, root: Path, env: dict[str, str], workers: int,
 
 
 def run(n: int, workers: int, against: str | None, rounds: int,
-        out: Callable[[str], None] = print) -> list[Row]:  # fmt: skip
+        out: Callable[[str], None] = print, mixed: bool = True) -> list[Row]:  # fmt: skip
     workdir = Path(tempfile.mkdtemp(prefix="batchery-sized-"))
     here = Path.cwd()
     roots = {"this": ROOT}
@@ -99,7 +99,7 @@ def run(n: int, workers: int, against: str | None, rounds: int,
             rows.append(limit)
             out(f"  {limit.name}: {limit.rate:,.0f} img/s")
         env = {**os.environ, "PYTHONPATH": str(ROOT)}
-        for k in range(rounds):
+        for k in range(rounds if mixed else 0):
             for budget in ("25", "0"):
                 with RedisServer() as server:
                     worker, client = serving(server.url, ROOT, env, workers,
@@ -133,8 +133,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--against", metavar="REV", help="also the code at this git revision")
     parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--no-mixed", action="store_true", help="leave out the (m) rows")
     args = parser.parse_args(argv)
-    run(args.images, args.workers, args.against, args.rounds)
+    run(args.images, args.workers, args.against, args.rounds, mixed=not args.no_mixed)
     return 0
 
 

@@ -14,6 +14,9 @@ import contextlib
 import ipaddress
 import logging
 import math
+import re
+import signal
+import threading
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -59,11 +62,13 @@ from producer.registry import Registry
 from producer.settings import Settings, redact_url
 from producer.wire import (
     HEARTBEAT_PREFIX,
+    MAX_JOB_ID_CHARS,
     MAX_JOBS_PER_MESSAGE,
     backlog_key,
     check_job_id,
     decode_job_record,
     decode_result_meta,
+    excerpt,
     job_key,
     new_job_ids,
     pending_result,
@@ -75,9 +80,11 @@ log = logging.getLogger("batchery.gateway")
 WEB = Path(__file__).resolve().parent / "web"
 #: Most images one request may carry.
 MAX_IMAGES = MAX_JOBS_PER_MESSAGE
-_TRUE, _FALSE = {"1", "true", "yes", "on"}, {"", "0", "false", "no", "off"}
+_TRUE, _FALSE = {"1", "true", "yes", "on"}, {"0", "false", "no", "off"}
 _RAW_TYPES = set(openapi.IMAGE_TYPES) | {"image/x-ms-bmp", "image/jpg"}
 _JOB_FIELDS = ("model", "version", "priority", "deadline_s", "explain", "callback_url")
+_JOB_ID = re.compile(openapi.JOB_ID_PATTERN)
+_VERSION = re.compile(openapi.VERSION_PATTERN)
 
 
 @dataclass
@@ -159,7 +166,7 @@ def _flag(name: str, raw: str) -> bool:
 
 
 def _number(name: str, raw: str | None) -> float | None:
-    if raw is None or raw.strip() == "":
+    if raw is None:
         return None
     try:
         value = float(raw)
@@ -211,11 +218,14 @@ async def submit(request: Request) -> Response:
             raise WebhookRefusedError("this gateway delivers no webhooks: it has no "
                                       "BATCHERY_WEBHOOK_SECRET")  # fmt: skip
         # The Client's own checks, then a push from this event loop (no thread hop).
+        # A field sent empty is refused like any other bad value, not taken as absent.
+        version = fields.get("version")
+        if version is not None and _VERSION.fullmatch(version) is None:
+            raise HTTPException(400, f"version {excerpt(version)} is not a version number")
         template = gw.client.job_template(
-            fields.get("model") or None, fields.get("version") or None,
-            fields.get("priority") or "normal",
+            fields.get("model"), version, fields.get("priority", "normal"),
             _number("deadline_s", fields.get("deadline_s")),
-            explain=_flag("explain", fields.get("explain", "")),
+            explain=_flag("explain", fields.get("explain", "false")),
         )  # fmt: skip
         record = gw.client.job_record(callback or None, owner)
         ids = new_job_ids(len(images))
@@ -284,8 +294,14 @@ def _unavailable(gw: Gateway, exc: BaseException) -> HTTPException:
 
 
 def _job_id(request: Request) -> str:
+    """The path's job id, by the document's rule (a URL-safe part of the wire's)."""
+    job_id = request.path_params["job_id"]
+    if _JOB_ID.fullmatch(job_id) is None:
+        raise HTTPException(400, f"job id {excerpt(job_id)} is not an id: printable ASCII "
+                            f"without '/', not starting with '.', 1 to {MAX_JOB_ID_CHARS} "
+                            "characters")  # fmt: skip
     try:
-        return check_job_id(request.path_params["job_id"])
+        return check_job_id(job_id)
     except WireError as exc:
         raise HTTPException(400, str(exc)) from exc
 
@@ -307,7 +323,10 @@ async def get_job(request: Request) -> Response:
 
 
 async def cancel_job(request: Request) -> Response:
-    """``DELETE /v1/jobs/{id}``: cancel a job not yet computed (409 if already answered)."""
+    """``POST /v1/jobs/{id}/cancel``: cancel a job not yet computed (409 if already answered).
+
+    Not a DELETE: the job stays, and GET answers its CANCELLED result.
+    """
     gw: Gateway = request.app.state.gateway
     owner = await gw.authorize(request)
     job_id = _job_id(request)
@@ -370,7 +389,7 @@ async def metrics(request: Request) -> Response:
 async def openapi_json(request: Request) -> Response:
     """``GET /openapi.json``."""
     gw: Gateway = request.app.state.gateway
-    return JSONResponse(openapi.document(gw.settings))
+    return JSONResponse(openapi.document(gw.settings, webhooks=gw.webhooks))
 
 
 async def docs(request: Request) -> Response:
@@ -448,7 +467,7 @@ def create_app(settings: Settings, webhooks: bool = True) -> Any:
         Route("/", index),
         Route("/v1/jobs", submit, methods=["POST"]),
         Route("/v1/jobs/{job_id}", get_job, methods=["GET"]),
-        Route("/v1/jobs/{job_id}", cancel_job, methods=["DELETE"]),
+        Route("/v1/jobs/{job_id}/cancel", cancel_job, methods=["POST"]),
         Route("/v1/models", list_models, methods=["GET"]),
         Route("/healthz", healthz),
         Route("/readyz", readyz),
@@ -476,14 +495,17 @@ def is_loopback(host: str) -> bool:
 def serve(
     settings: Settings, host: str = "127.0.0.1", port: int = 8000, webhooks: bool = True,
     allow_unauthenticated: bool = False, log_level: str = "info",
+    stop: threading.Event | None = None,
 ) -> None:  # fmt: skip
-    """Run the gateway until interrupted.
+    """Run the gateway until interrupted: Ctrl-C (or ``stop`` set) shuts it down and returns.
 
     Without BATCHERY_API_KEYS anyone who can reach it may submit: it then binds a loopback
     address only, unless ``allow_unauthenticated`` (a container whose port is published on
     loopback, or behind your own authenticating proxy).
     """
     import uvicorn
+
+    from producer.stopping import stop_on_signals
 
     if settings.api_keys is None and not is_loopback(host) and not allow_unauthenticated:
         raise ConfigError(
@@ -501,6 +523,20 @@ def serve(
           f"{hooks}); the page at /, the API at /docs", flush=True)  # fmt: skip
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: "
                         "%(message)s")  # fmt: skip
-    uvicorn.run(app, host=host, port=port, log_level=log_level, access_log=False,
-                loop="auto", http=headers_in_time(settings.http_body_timeout_s),
-                timeout_keep_alive=5, timeout_graceful_shutdown=5)  # fmt: skip
+    config = uvicorn.Config(app, host=host, port=port, log_level=log_level, access_log=False,
+                            loop="auto", http=headers_in_time(settings.http_body_timeout_s),
+                            timeout_keep_alive=5, timeout_graceful_shutdown=5)  # fmt: skip
+
+    class Server(uvicorn.Server):
+        """uvicorn's, which also stops once ``stop`` is set: by a Ctrl-C that came before
+        uvicorn took the signal over, or one Python dropped in a finalizer (uvicorn's own
+        handler only sets its flag, and re-raises the signal once it has shut down)."""
+
+        async def on_tick(self, counter: int) -> bool:
+            return (stop is not None and stop.is_set()) or await super().on_tick(counter)
+
+    with contextlib.ExitStack() as stack:
+        if stop is None:
+            stop = stack.enter_context(stop_on_signals(signal.SIGINT))
+        with contextlib.suppress(KeyboardInterrupt):  # uvicorn's re-raised Ctrl-C: it is done
+            Server(config).run()

@@ -11,7 +11,21 @@ from typing import Any
 
 from producer.images import ALLOWED_FORMATS
 from producer.settings import Settings
-from producer.wire import MAX_JOB_ID_CHARS, PRIORITIES
+from producer.wire import (
+    MAX_DEADLINE_S,
+    MAX_JOB_ID_CHARS,
+    MAX_JOBS_PER_MESSAGE,
+    NAME_PATTERN,
+    PRIORITIES,
+)
+
+#: A job id in a URL: printable ASCII without ``/``, not starting with ``.`` (so never ``.``
+#: or ``..``, which clients fold away), at most MAX_JOB_ID_CHARS characters. Narrower than the
+#: wire's rule (printable text): Batchery's own ids are UUID4s. The gateway checks exactly this.
+JOB_ID_PATTERN = f"^[ -,0-~-][ -.0-~]{{0,{MAX_JOB_ID_CHARS - 1}}}$"
+#: A model name (the wire's rule) and a version (the registry numbers them).
+MODEL_PATTERN = f"^{NAME_PATTERN.pattern}$"
+VERSION_PATTERN = "^[0-9]{1,64}$"
 
 #: The Content-Types a raw image body may carry (the bytes decide the format).
 IMAGE_TYPES = ("image/png", "image/jpeg", "image/webp", "image/bmp", "application/octet-stream")
@@ -39,34 +53,40 @@ def _field(name: str, schema: dict[str, Any], description: str) -> dict[str, Any
     }
 
 
-def document(settings: Settings) -> dict[str, Any]:
-    """The OpenAPI document of a gateway with these settings."""
+def document(settings: Settings, webhooks: bool = True) -> dict[str, Any]:
+    """The OpenAPI document of a gateway with these settings.
+
+    ``webhooks``: the gateway takes ``callback_url`` (it also needs BATCHERY_WEBHOOK_SECRET);
+    without, the field is not in the document and the gateway refuses it.
+    """
     job_fields: dict[str, tuple[dict[str, Any], str]] = {
         "model": (
-            {"type": "string", "pattern": "^[A-Za-z0-9_][A-Za-z0-9._-]{0,63}$"},
-            "model name (default: the workers' default model)",
+            {"type": "string", "pattern": MODEL_PATTERN},
+            "model name (default: the workers' default model); 400 if not published",
         ),
         "version": (
-            {"type": "string", "pattern": "^[0-9]+$"},
-            "model version (default: the promoted one)",
+            {"type": "string", "pattern": VERSION_PATTERN},
+            "model version (default: the promoted one); 400 if not published",
         ),
         "priority": (
             {"type": "string", "enum": list(PRIORITIES), "default": "normal"},
             "workers take higher work first",
         ),
         "deadline_s": (
-            {"type": "number", "exclusiveMinimum": True, "minimum": 0},
+            {"type": "number", "exclusiveMinimum": True, "minimum": 0, "maximum": MAX_DEADLINE_S},
             "answer EXPIRED, uncomputed, if not started within this many seconds",
         ),
         "explain": (
             {"type": "boolean", "default": False},
             "the result also carries an attribution map (a PNG) for its label",
         ),
-        "callback_url": (
-            {"type": "string", "format": "uri", "maxLength": 2048},
-            "POST the result here once answered (signed; see docs/http.md)",
-        ),
     }
+    if webhooks and settings.webhook_secret is not None:
+        job_fields["callback_url"] = (
+            {"type": "string", "format": "uri", "maxLength": 2048},
+            "POST the result here once answered (signed; see docs/http.md); 400 if its "
+            "address is not allowed (BATCHERY_WEBHOOK_ALLOW)",
+        )
     auth: list[dict[str, list[str]]] = [{"apiKey": []}] if settings.api_keys else []
     unauthorized = {"401": _error("no API key, or not a known one")} if settings.api_keys else {}
     limited = {"429": _error("this key's rate limit is spent", retry_after=True)}
@@ -74,12 +94,15 @@ def document(settings: Settings) -> dict[str, Any]:
         "name": "job_id",
         "in": "path",
         "required": True,
-        "schema": {"type": "string", "maxLength": MAX_JOB_ID_CHARS},
+        "schema": {"type": "string", "pattern": JOB_ID_PATTERN, "maxLength": MAX_JOB_ID_CHARS},
+        "description": "a job id as submitting answered it (Batchery's are UUID4s)",
     }
     form_properties: dict[str, Any] = {
         "images": {
             "type": "array",
             "items": {"type": "string", "format": "binary"},
+            "minItems": 1,
+            "maxItems": MAX_JOBS_PER_MESSAGE,
             "description": "one or more image files, in the order their ids come back",
         },
         **{name: {**schema, "description": text} for name, (schema, text) in job_fields.items()},
@@ -104,9 +127,9 @@ def document(settings: Settings) -> dict[str, Any]:
                         *(_field(n, s, t) for n, (s, t) in job_fields.items()),
                         _field(
                             "wait",
-                            {"type": "number", "minimum": 0, "maximum": settings.http_max_wait_s},
+                            {"type": "number", "minimum": 0},
                             "wait up to this many seconds for the answers: 200 with them "
-                            "if all come in time",
+                            f"if all come in time (more is cut to {settings.http_max_wait_s:g})",
                         ),
                     ],
                     "requestBody": {
@@ -149,10 +172,19 @@ def document(settings: Settings) -> dict[str, Any]:
                                 }
                             },
                         },
-                        "400": _error("not an image, or a field the wire refuses"),
+                        # Also for requests this schema lets through: whether bytes are an
+                        # image, a model is published or a callback's address allowed is
+                        # not something a JSON Schema can say.
+                        "400": _error(
+                            "not an image, a field the wire refuses, a model or version not "
+                            "published, a callback address not allowed"
+                        ),
                         **unauthorized,
                         "413": _error("an image over the byte limit, or a body over the cap"),
-                        "415": _error("a format or Content-Type outside the allow-list"),
+                        "415": _error(
+                            "a format outside the allow-list (a GIF, named from its bytes), or "
+                            "a Content-Type that is neither an image nor multipart"
+                        ),
                         "429": _error(
                             "the queue is full, or this key's rate is spent", retry_after=True
                         ),
@@ -171,13 +203,9 @@ def document(settings: Settings) -> dict[str, Any]:
                             "name": "wait",
                             "in": "query",
                             "required": False,
-                            "schema": {
-                                "type": "number",
-                                "minimum": 0,
-                                "maximum": settings.http_max_wait_s,
-                            },
+                            "schema": {"type": "number", "minimum": 0},
                             "description": "answer as soon as the result lands, waiting up to "
-                            "this many seconds (more is cut to the maximum)",
+                            f"this many seconds (more is cut to {settings.http_max_wait_s:g})",
                         },
                     ],
                     "responses": {
@@ -196,8 +224,13 @@ def document(settings: Settings) -> dict[str, Any]:
                         "503": _error("Redis is unreachable", retry_after=True),
                     },
                 },
-                "delete": {
+            },
+            "/v1/jobs/{job_id}/cancel": {
+                "post": {
                     "summary": "Cancel a job not yet computed",
+                    "description": "Cancelling is not deleting: the job stays, and GET answers "
+                    "its CANCELLED result (or, if it was already answered, that answer) until "
+                    "it expires with the other results.",
                     "operationId": "cancelJob",
                     "security": auth,
                     "parameters": [job_id],

@@ -14,10 +14,8 @@ import glob
 import hashlib
 import json
 import os
-import signal
 import stat
 import sys
-import threading
 import time
 from collections import Counter, OrderedDict, deque
 from collections.abc import Callable, Generator, Iterable, Iterator
@@ -33,6 +31,7 @@ from tqdm import tqdm
 from producer.client import MAX_PUSH_BYTES, Client, read_image_file
 from producer.errors import BatcheryError, ImageTooLargeError, InvalidImageError
 from producer.images import IMAGE_EXTENSIONS, check_image_bytes, shrink
+from producer.stopping import stop_on_signals
 from producer.wire import FAILURE, Job, new_job_ids
 
 COLUMNS = ("path", "job_id", "status", "label", "score", "error")
@@ -291,11 +290,16 @@ def classify(
     exhausted = False
     waiting: list[str] = []  # the oldest jobs in flight with no answer yet
     stale = True  # whether ``waiting`` must be listed again
-    restore = _sigterm_interrupts()
+    # Ctrl-C or SIGTERM: a KeyboardInterrupt, and a flag the loop checks, for an interrupt
+    # Python dropped in a finalizer (producer.stopping).
+    signals = stop_on_signals()
+    stop = signals.__enter__()
     try:
         pause = _PAUSE
         answers, since = 0, 0.0  # answers found since the first push: their rate paces looks
         while not exhausted or inflight:
+            if stop.is_set():
+                raise KeyboardInterrupt
             # Fill the window, up to ``window`` jobs in flight, pushed 16 chunks a round trip.
             jobs: list[Job] = []
             pending = 0
@@ -391,6 +395,8 @@ def classify(
                 time.sleep(pause)
                 if not found:
                     pause = min(pause * 2, _MAX_PAUSE)
+        if stop.is_set():
+            raise KeyboardInterrupt
         if collected and not keep_results:
             client.fetch([], forget=collected)
     except KeyboardInterrupt:
@@ -401,11 +407,13 @@ def classify(
         except BatcheryError as exc:  # Redis away: the jobs will be computed, and dropped
             print(f"batchery: could not cancel the jobs in flight: {exc}", file=sys.stderr)
     finally:
-        prepared.close()
-        restore()
-        bar.close()
-        writer.close()
-        summary.elapsed_s = time.monotonic() - started
+        try:
+            prepared.close()
+            bar.close()
+        finally:
+            writer.close()  # whole rows: each is one write, flushed here
+            signals.__exit__(None, None, None)
+            summary.elapsed_s = time.monotonic() - started
     return summary
 
 
@@ -419,22 +427,6 @@ def _job_ids() -> Iterator[str]:
     """Fresh job ids without end, made 256 at a time."""
     while True:
         yield from new_job_ids(256)
-
-
-def _sigterm_interrupts() -> Callable[[], None]:
-    """Make SIGTERM interrupt like Ctrl-C (in the main thread); return what restores it."""
-    if threading.current_thread() is not threading.main_thread():
-        return lambda: None
-
-    def interrupt(signum: int, frame: Any) -> None:
-        raise KeyboardInterrupt
-
-    previous = signal.signal(signal.SIGTERM, interrupt)
-
-    def restore() -> None:
-        signal.signal(signal.SIGTERM, previous)
-
-    return restore
 
 
 def write_heatmap(folder: Path, path: str, result: dict[str, Any]) -> str | None:

@@ -196,10 +196,10 @@ def test_cancel_is_idempotent(idle: tuple[RedisServer, GatewayProcess]) -> None:
     job = httpx.post(f"{proc.url}/v1/jobs", content=DIGIT.read_bytes(), headers=PNG).json()
     location = job["jobs"][0]["location"]
     assert httpx.get(f"{proc.url}{location}").json()["status"] == "PENDING"
-    first = httpx.delete(f"{proc.url}{location}")
+    first = httpx.post(f"{proc.url}{location}/cancel")
     assert first.status_code == 200
     assert first.json()["status"] == "CANCELLED"
-    again = httpx.delete(f"{proc.url}{location}")
+    again = httpx.post(f"{proc.url}{location}/cancel")
     assert again.status_code == 200
     assert again.json()["status"] == "CANCELLED"
     assert httpx.get(f"{proc.url}{location}").json()["status"] == "CANCELLED"
@@ -208,7 +208,7 @@ def test_cancel_is_idempotent(idle: tuple[RedisServer, GatewayProcess]) -> None:
 def test_cancelling_an_answered_job_is_409_and_keeps_its_answer(http: httpx.Client) -> None:
     job = http.post("/v1/jobs", params={"wait": 30}, content=DIGIT.read_bytes(), headers=PNG)
     location = job.json()["jobs"][0]["location"]
-    refused = http.delete(location)
+    refused = http.post(f"{location}/cancel")
     assert refused.status_code == 409
     assert refused.json()["status"] == "SUCCESS"
     assert http.get(location).json()["label"] == label_of(DIGIT)
@@ -216,8 +216,13 @@ def test_cancelling_an_answered_job_is_409_and_keeps_its_answer(http: httpx.Clie
 
 def test_unknown_and_malformed_ids(http: httpx.Client) -> None:
     assert http.get("/v1/jobs/3f1e0c4e-0000-4000-8000-000000000000").status_code == 404
-    assert http.delete("/v1/jobs/3f1e0c4e-0000-4000-8000-000000000000").status_code == 404
+    assert http.post("/v1/jobs/3f1e0c4e-0000-4000-8000-000000000000/cancel").status_code == 404
+    # cancelling is not deleting: the old verb is not one
+    gone = http.delete("/v1/jobs/3f1e0c4e-0000-4000-8000-000000000000")
+    assert gone.status_code == 405 and gone.headers["allow"] == "GET, HEAD"
     assert http.get("/v1/jobs/" + "x" * 200).status_code == 400
+    assert http.get("/v1/jobs/.x").status_code == 400  # the document's id pattern
+    assert http.get("/v1/jobs/caf%C3%A9").status_code == 400  # printable, not ASCII
     assert http.get("/v1/jobs/abc", params={"wait": "-1"}).status_code == 400
 
 
@@ -327,7 +332,7 @@ def test_keys_are_needed_and_jobs_are_their_owners(
     assert mine.status_code == 202
     location = f"{proc.url}{mine.json()['jobs'][0]['location']}"
     assert httpx.get(location, headers=bearer(keys["bob"])).status_code == 404
-    assert httpx.delete(location, headers=bearer(keys["bob"])).status_code == 404
+    assert httpx.post(f"{location}/cancel", headers=bearer(keys["bob"])).status_code == 404
     answer = httpx.get(location, params={"wait": 30}, headers=bearer(keys["alice"]))
     assert answer.json()["status"] == "SUCCESS"
     metrics = httpx.get(f"{proc.url}/metrics").text

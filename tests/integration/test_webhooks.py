@@ -156,7 +156,7 @@ def test_a_cancelled_job_is_delivered_too(redis_server: RedisServer) -> None:
     env = {**HOOKS, "BATCHERY_QUEUE": "hooks-unserved"}  # no worker: the job stays queued
     with Receiver() as receiver, GatewayProcess(redis_server.url, env=env) as gateway:
         (job_id,) = submit(gateway, receiver.url, 1)
-        assert httpx.delete(f"{gateway.url}/v1/jobs/{job_id}").status_code == 200
+        assert httpx.post(f"{gateway.url}/v1/jobs/{job_id}/cancel").status_code == 200
         wait_for(lambda: job_id in receiver.delivered(), 30, "the cancellation's delivery")
         assert json.loads(receiver.delivered()[job_id]["body"])["status"] == "CANCELLED"
 
@@ -210,7 +210,7 @@ def test_each_attempts_outcome_is_counted_in_the_gateways_metrics(
         (delivered,) = submit(gateway, flaky.url, 1)
         (given_up,) = submit(gateway, down.url, 1)
         for job_id in (delivered, given_up):
-            assert httpx.delete(f"{gateway.url}/v1/jobs/{job_id}").status_code == 200
+            assert httpx.post(f"{gateway.url}/v1/jobs/{job_id}/cancel").status_code == 200
 
         def counted() -> dict[str, float]:
             text = httpx.get(f"{gateway.url}/metrics").text
