@@ -107,17 +107,18 @@ def run(n: int, workers: int, against: str | None, rounds: int,
                     try:
                         idle = run_lone(client, paths, 200)
                         alone, _ = run_bulk(server.url, folder, n, env, cwd=workdir)
-                        mixed = run_mixed(client, server.url, folder, n, env, "high", alone, idle)
+                        during = run_mixed(client, server.url, folder, n, env, "high", alone,
+                                           idle)  # fmt: skip
                     finally:
                         client.close()
                         worker.stop()
-                for row in (idle, alone, mixed):
+                for row in (idle, alone, during):
                     row.name += f" [budget {budget} ms, round {k + 1}]"
                     rows.append(row)
                 out(f"  budget {budget} ms: idle p50 {idle.percentile(50):.1f} p99 "
                     f"{idle.percentile(99):.1f} ms; bulk alone {alone.rate:,.0f} img/s; "
-                    f"mixed p50 {mixed.percentile(50):.1f} p99 {mixed.percentile(99):.1f} ms, "
-                    f"{mixed.note}")  # fmt: skip
+                    f"mixed p50 {during.percentile(50):.1f} p99 {during.percentile(99):.1f} "
+                    f"ms, {during.note}")  # fmt: skip
     finally:
         os.chdir(here)
         for name, root in roots.items():

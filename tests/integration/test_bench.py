@@ -362,3 +362,5 @@ def test_the_sized_rows_are_its_runs(monkeypatch, capsys) -> None:
            "p99 100.0 ms, of 200 img/s alone" in printed  # fmt: skip
     assert "budget 0 ms: idle p50 3.0 p99 3.0 ms; bulk alone 300 img/s;" in printed
     assert calls == {"bulk": 3, "lone": 3}
+    sized.main(["--images", "5", "--workers", "1", "--rounds", "1", "--no-mixed"])
+    assert "budget" not in capsys.readouterr().out and calls == {"bulk": 4, "lone": 4}
