@@ -200,23 +200,27 @@ def test_serve_stops_on_the_first_ctrl_c_wherever_it_lands(redis_server: RedisSe
             assert serve.returncode == 0, err[-2000:]
 
 
-@pytest.mark.timeout(20)
+@pytest.mark.timeout(60)
 def test_serve_stops_on_a_ctrl_c_python_dropped(redis_server: RedisServer) -> None:
     """The flag set and no exception (what a dropped Ctrl-C leaves): the gateway stops."""
     from gateway.app import serve
 
-    port, stop = free_port(), threading.Event()
+    port, stop, done = free_port(), threading.Event(), threading.Event()
+    late: list[bool] = []
 
     def dropped_once_serving() -> None:
         deadline = time.monotonic() + 10
         while not answers(f"http://127.0.0.1:{port}/healthz") and time.monotonic() < deadline:
             time.sleep(0.02)
         stop.set()
+        if not done.wait(5):  # still serving: a real Ctrl-C (uvicorn's), so the test ends
+            late.append(True)
+            os.kill(os.getpid(), signal.SIGINT)
 
     threading.Thread(target=dropped_once_serving, daemon=True).start()
-    started = time.monotonic()
     serve(Settings(redis_url=redis_server.url), port=port, log_level="warning", stop=stop)
-    assert stop.is_set() and time.monotonic() - started < 15
+    done.set()
+    assert stop.is_set() and not late, "the gateway went on serving after a dropped Ctrl-C"
     assert not answers(f"http://127.0.0.1:{port}/healthz")
 
 
