@@ -90,7 +90,12 @@ def test_allow_unauthenticated_serves_a_public_address_without_keys(
     import uvicorn
 
     served: list[tuple[str, int]] = []
-    monkeypatch.setattr(uvicorn, "run", lambda app, host, port, **kw: served.append((host, port)))
+
+    # serve() runs uvicorn's Server (with a check for a dropped Ctrl-C): record, not serve.
+    def record(self: uvicorn.Server, *args: object, **kwargs: object) -> None:
+        served.append((self.config.host, self.config.port))
+
+    monkeypatch.setattr(uvicorn.Server, "run", record)
     with pytest.raises(ConfigError, match="--allow-unauthenticated"):
         serve(Settings(), host="0.0.0.0", port=8123)
     assert served == []
