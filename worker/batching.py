@@ -82,6 +82,20 @@ BATCH_ORDER = ("high", "normal", "low")
 BATCH_SHARE = {3: ("normal", "low", "high"), 7: ("low", "normal", "high")}
 
 
+def stopping() -> bool:
+    """Whether the worker is shutting down (a first Ctrl-C or SIGTERM: Celery's warm shutdown).
+
+    Then no new batch starts and no message is taken: what is buffered goes back to the
+    queue as the worker exits, and the batches running finish. Without this, a worker busy
+    with split messages kept taking work (each finished batch took the next message) and
+    its warm shutdown outlasted its soft-shutdown timeout.
+    """
+    from celery.worker import state  # its flags: EX_OK (0) is a reason to stop too
+
+    return any(flag is not None and flag is not False
+               for flag in (state.should_stop, state.should_terminate))  # fmt: skip
+
+
 def _take_now(request: Any, high_waiting: bool) -> None:
     """Before a freed pool process takes its next batch: the next message waiting in Redis
     (a high one first) now joins the buffer (see worker.transport.Channel.take_now).
@@ -93,7 +107,7 @@ def _take_now(request: Any, high_waiting: bool) -> None:
     message: Any = getattr(request, "message", None)
     channel: Any = getattr(message, "channel", None)
     take = getattr(channel, "take_now", None)
-    if take is None:
+    if take is None or stopping():
         return
     try:
         qos = getattr(channel, "qos", None)
@@ -250,7 +264,7 @@ class DynamicBatches(Batches):
 
     def _do_flush(self) -> None:
         """Give free pool processes a batch each (called on messages, timer and completions)."""
-        while self._busy < self.pool_slots:
+        while self._busy < self.pool_slots and not stopping():
             parts = self._next_batch()
             if not parts:
                 break

@@ -430,3 +430,16 @@ def test_a_whole_message_is_settled_with_its_results_not_by_the_main_process(
     assert [r.settle for r in pool.batches[0]["requests"]] == [True]
     pool.done(0)
     assert whole.fate == "acked" and struck == []
+
+
+def test_a_worker_shutting_down_starts_no_batch_and_takes_no_message(monkeypatch: Any) -> None:
+    """Celery's warm shutdown sets should_stop to EX_OK (0): still a reason to stop."""
+    from celery.worker import state
+
+    task, pool = pooled(monkeypatch, slots=2, batch_size=64)
+    task._buffer.put_nowait(delivered("bulk", 256))
+    task._do_flush()
+    assert len(pool.batches) == 2
+    monkeypatch.setattr(state, "should_stop", 0)
+    pool.done(0)  # a pool process is free, work is buffered: nothing more starts
+    assert len(pool.batches) == 2
