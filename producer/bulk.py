@@ -28,9 +28,9 @@ from typing import IO, Any
 import numpy as np
 from tqdm import tqdm
 
-from producer.client import MAX_PUSH_BYTES, Client, read_image_file
+from producer.client import MAX_PUSH_BYTES, Client
 from producer.errors import BatcheryError, ImageTooLargeError, InvalidImageError
-from producer.images import IMAGE_EXTENSIONS, check_image_bytes, shrink
+from producer.images import IMAGE_EXTENSIONS, check_image_bytes, read_file, shrink
 from producer.stopping import stop_on_signals
 from producer.wire import FAILURE, Job, new_job_ids
 
@@ -549,7 +549,7 @@ def job_input(
 
 def read_checked(path: str, limit: int, max_pixels: int) -> bytes:
     """A file's bytes, if it is a whole image within the limits (bytes checked before reading)."""
-    data = read_image_file(path, limit)
+    data = read_file(path, limit)
     check_image_bytes(data, path, limit, max_pixels)
     return data
 

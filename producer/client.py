@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import stat
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
@@ -16,13 +14,12 @@ import redis
 from producer import connections
 from producer.connections import ReplicaAcks
 from producer.errors import (
-    ImageTooLargeError,
     InvalidImageError,
     QueueFullError,
     RedisUnavailableError,
     ResultTimeoutError,
 )
-from producer.images import ImageInput, check_image_bytes, image_bytes
+from producer.images import ImageInput, image_bytes
 from producer.ledger import Ledger
 from producer.registry import Registry
 from producer.settings import Settings, redact_url
@@ -57,66 +54,6 @@ MAX_CONNECTIONS = 2048
 #: command of at most 512 MB, and cuts the connection on a bigger one (which reads like an
 #: outage); and the producer would hold it all, twice, meanwhile.
 MAX_PUSH_BYTES = 256 * 1024 * 1024
-
-
-def read_image_file(path: str | os.PathLike[str], max_bytes: int) -> bytes:
-    """A regular file's bytes, at most ``max_bytes`` of them: ``images.read_file``'s checks and
-    refusals, in four system calls (open, fstat, read, close).
-
-    Opened without blocking and checked before reading: a FIFO, a device (``x.png ->
-    /dev/zero``) or a directory is refused, and no read goes past the byte limit. One read of
-    the size the file says it has, plus one byte to see its end: no buffer of ``max_bytes``
-    is allocated for a 300-byte file (``read_file`` reads through a buffered file object,
-    which allocates one, and costs ten times this on a small file).
-    """
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
-    except FileNotFoundError as exc:
-        raise InvalidImageError(f"{path}: no such file") from exc
-    except PermissionError as exc:
-        raise InvalidImageError(f"{path}: permission denied") from exc
-    except OSError as exc:
-        raise InvalidImageError(f"{path}: cannot open ({exc.strerror})") from exc
-    try:
-        info = os.fstat(fd)
-        if stat.S_ISDIR(info.st_mode):
-            raise InvalidImageError(f"{path}: is a directory, not an image file")
-        if not stat.S_ISREG(info.st_mode):
-            raise InvalidImageError(f"{path}: not a regular file (a device, a FIFO or a socket)")
-        if info.st_size > max_bytes:
-            raise ImageTooLargeError(
-                f"{path}: {info.st_size} bytes is over the limit of {max_bytes} bytes "
-                "(BATCHERY_MAX_IMAGE_BYTES)"
-            )
-        data = os.read(fd, info.st_size + 1)
-        if len(data) != info.st_size:
-            # Cut short (a file system that reads in parts, a file truncated meanwhile) or
-            # grown since fstat: read on to its end, never past the limit.
-            parts = [data]
-            got = len(data)
-            while got <= max_bytes:
-                more = os.read(fd, max_bytes + 1 - got)
-                if not more:
-                    break
-                parts.append(more)
-                got += len(more)
-            data = b"".join(parts)
-    finally:
-        os.close(fd)
-    if len(data) > max_bytes:  # it grew while we read it
-        raise ImageTooLargeError(
-            f"{path}: over the limit of {max_bytes} bytes (BATCHERY_MAX_IMAGE_BYTES)"
-        )
-    return data
-
-
-def _image_bytes(image: ImageInput, max_bytes: int, max_pixels: int) -> bytes:
-    """``images.image_bytes``, with a path read by :func:`read_image_file`."""
-    if isinstance(image, (str, os.PathLike)):
-        data = read_image_file(image, max_bytes)
-        check_image_bytes(data, str(image), max_bytes, max_pixels)
-        return data
-    return image_bytes(image, max_bytes, max_pixels)
 
 
 class Client:
@@ -201,7 +138,7 @@ class Client:
         job = self.job_template(model, version, priority, deadline_s, explain=explain)
         record = self.job_record(callback_url, owner)
         limits = self.settings.max_image_bytes, self.settings.max_image_pixels
-        data = [_image_bytes(image, *limits) for image in images]
+        data = [image_bytes(image, *limits) for image in images]
         ids = new_job_ids(len(data))
         self.enqueue([job.stamped(*pair) for pair in zip(ids, data, strict=True)],
                      dict.fromkeys(ids, record))  # fmt: skip

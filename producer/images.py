@@ -559,7 +559,7 @@ def read_file(path: str | os.PathLike[str], max_bytes: int) -> bytes:
     /dev/zero``) or a directory is refused, and no read goes past the byte limit.
     """
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
     except FileNotFoundError as exc:
         raise InvalidImageError(f"{path}: no such file") from exc
     except PermissionError as exc:
@@ -630,19 +630,21 @@ def _read_open(fd: int, path: str | os.PathLike[str], max_bytes: int) -> bytes:
     except BaseException:
         os.close(fd)
         raise
-    # Read what fstat said plus one byte, not max_bytes + 1 through a buffered file: that
-    # allocates max_bytes (10 MB) for every 300-byte digit. A file that grew is read on.
-    parts: list[bytes] = []
-    left = max_bytes + 1
-    want = min(info.st_size + 1, left)
+    # One read of what fstat said plus one byte, to see the end: not max_bytes + 1 through a
+    # buffered file, which allocates max_bytes (10 MB) for every 300-byte digit.
     try:
-        while left > 0:
-            chunk = os.read(fd, min(want, left))
-            if not chunk:
-                break
-            parts.append(chunk)
-            left -= len(chunk)
-            want = 1 << 20
+        data = os.read(fd, info.st_size + 1)
+        parts = [data]
+        if len(data) != info.st_size:
+            # Cut short (a file system that reads in parts, a file truncated meanwhile) or
+            # grown since fstat: read on to its end, never past the limit.
+            got = len(data)
+            while got <= max_bytes:
+                more = os.read(fd, max_bytes + 1 - got)
+                if not more:
+                    break
+                parts.append(more)
+                got += len(more)
     finally:
         os.close(fd)
     data = b"".join(parts)

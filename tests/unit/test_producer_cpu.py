@@ -14,7 +14,7 @@ import pytest
 
 from bench.producer_cpu import Cpu, make_files, margin
 from producer.bulk import LARGE_FILE, _read_ahead_when_large, classify
-from producer.client import Client, read_image_file
+from producer.client import Client
 from producer.errors import InvalidImageError
 from producer.images import check_image_bytes, read_file
 from producer.settings import Settings
@@ -46,27 +46,24 @@ def test_bench_files_are_valid_small_pngs(tmp_path: Path) -> None:
     assert all(check_image_bytes(p.read_bytes(), str(p), 1000, 28 * 28) == "PNG" for p in files)
 
 
-def _outcome(read: Any, path: Path, limit: int) -> Any:
-    try:
-        return read(path, limit)
-    except InvalidImageError as exc:
-        return type(exc), str(exc)
-
-
-def test_the_small_file_reader_refuses_what_read_file_refuses(tmp_path: Path) -> None:
+def test_read_file_reads_a_small_file_whole_and_refuses_the_rest_unread(tmp_path: Path) -> None:
+    """The one reader of image files (producer.images.read_file): a file read in one call of
+    its size plus one byte, and each refusal made before reading, without blocking."""
     (tmp_path / "ok.png").write_bytes(b"\x89PNG" + b"x" * 300)
     (tmp_path / "big.png").write_bytes(b"x" * 5000)
     (tmp_path / "empty.png").write_bytes(b"")
     (tmp_path / "dir.png").mkdir()
     (tmp_path / "zero.png").symlink_to("/dev/zero")
     os.mkfifo(tmp_path / "fifo.png")  # opened without blocking: refused, not waited on
-    (tmp_path / "locked.png").write_bytes(b"x")
-    (tmp_path / "locked.png").chmod(0)
-    for name in ("ok", "big", "empty", "dir", "zero", "fifo", "locked", "missing"):
-        path = tmp_path / f"{name}.png"
-        assert _outcome(read_image_file, path, 1000) == _outcome(read_file, path, 1000), name
-    assert read_image_file(tmp_path / "ok.png", 304) == b"\x89PNG" + b"x" * 300
-    assert read_image_file(str(tmp_path / "big.png"), 5000) == b"x" * 5000
+    assert read_file(tmp_path / "ok.png", 304) == b"\x89PNG" + b"x" * 300
+    assert read_file(str(tmp_path / "big.png"), 5000) == b"x" * 5000
+    assert read_file(tmp_path / "empty.png", 1000) == b""
+    refusals = {"big": "5000 bytes is over the limit of 1000", "dir": "is a directory",
+                "zero": "not a regular file", "fifo": "not a regular file",
+                "missing": "no such file"}  # fmt: skip
+    for name, reason in refusals.items():
+        with pytest.raises(InvalidImageError, match=reason):
+            read_file(tmp_path / f"{name}.png", 1000)
 
 
 def test_small_files_are_read_in_line_large_ones_ahead_in_order() -> None:
