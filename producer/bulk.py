@@ -32,6 +32,7 @@ from producer.client import MAX_PUSH_BYTES, Client
 from producer.errors import BatcheryError, ImageTooLargeError, InvalidImageError
 from producer.images import IMAGE_EXTENSIONS, check_image_bytes, read_file, shrink
 from producer.stopping import stop_on_signals
+from producer.waiting import Pace
 from producer.wire import FAILURE, Job, new_job_ids
 
 COLUMNS = ("path", "job_id", "status", "label", "score", "error")
@@ -295,8 +296,7 @@ def classify(
     signals = stop_on_signals()
     stop = signals.__enter__()
     try:
-        pause = _PAUSE
-        answers, since = 0, 0.0  # answers found since the first push: their rate paces looks
+        pace = Pace()  # answers found since the first push: their rate paces looks
         while not exhausted or inflight:
             if stop.is_set():
                 raise KeyboardInterrupt
@@ -336,26 +336,22 @@ def classify(
                             window_bytes // 4, MAX_PUSH_BYTES // 2
                         ):
                             client.enqueue(jobs)
-                            since = since or time.monotonic()
+                            pace.start()
                             jobs, pending = [], 0
                 client.enqueue(jobs)
-                if jobs and not since:
-                    since = time.monotonic()
+                if jobs:
+                    pace.start()
 
-            # Look for answers among the oldest jobs in flight: a probe of every STEP-th one
-            # (answers come a batch at a time, roughly in order), then one MGET of those up to
-            # the last probe answered. Results written out are forgotten in the same round trip.
+            # Look for answers among the oldest jobs in flight (producer.waiting: a probe of
+            # every STEP-th, then the jobs up to the last probe answered). Results written out
+            # are forgotten in the same round trip.
             if stale:
                 waiting = [key for key in islice(inflight, POLL) if key not in answered]
                 stale = False
-            probe = waiting[::STEP]
-            found = client.fetch(probe, forget=[] if keep_results else collected)
+            found = client.waiter.look(waiting, STEP, forget=[] if keep_results else collected)
             collected = []
             if found:
-                last = max(i for i, key in enumerate(probe) if key in found) + 1
-                found.update(client.fetch([k for k in waiting[: last * STEP] if k not in found]))
                 answered.update(found)
-                answers += len(found)
                 stale = True
 
             # Emit rows: in input order, or as they come.
@@ -378,23 +374,17 @@ def classify(
                     if job_id:
                         collected.append(job_id)
                 bar.update(len(ready))
-            # Look again once about a 16th of the jobs in flight should have been answered, at
-            # the rate answers have come so far (within _PAUSE and _MAX_PAUSE): a look finds a
-            # good share of answers, not a few each time. At once if the window can be filled
-            # or this look found that many; twice as long each time a look finds none.
-            goal = max(1, len(inflight) // 16)
-            if found:
-                rate = answers / max(time.monotonic() - since, _PAUSE)
-                pause = min(max(goal / rate, _PAUSE), _MAX_PAUSE)
+            # Look again at once if the window can be filled or this look found a good share,
+            # else after the pace's pause (about a 16th of the jobs in flight answered at the
+            # rate seen so far; twice as long each time a look finds none).
+            pace.record(len(found), len(inflight))
             room = (
                 not exhausted
                 and (len(inflight) + refill <= window or not inflight)
                 and (holding < window_bytes or not holding)
             )
-            if inflight and not room and len(found) < goal:
-                time.sleep(pause)
-                if not found:
-                    pause = min(pause * 2, _MAX_PAUSE)
+            if not room:
+                pace.wait(len(found), len(inflight))
         if stop.is_set():
             raise KeyboardInterrupt
         if collected and not keep_results:
@@ -417,8 +407,6 @@ def classify(
     return summary
 
 
-#: Waits between looks for answers when none came: doubling from the first to the last.
-_PAUSE, _MAX_PAUSE = 0.0005, 0.05
 #: A look for answers probes every STEP-th of the oldest jobs waiting (see classify).
 STEP = 32
 

@@ -24,6 +24,7 @@ from producer.ledger import Ledger
 from producer.registry import Registry
 from producer.settings import Settings, redact_url
 from producer.signing import Signer
+from producer.waiting import Waiter
 from producer.webhooks import WebhookPolicy
 from producer.wire import (
     JOB_KEY_PREFIX,
@@ -82,7 +83,9 @@ class Client:
         self._outbox: list[_Ticket] = []
         self._pushing = False
         self._outbox_ready = threading.Condition()
-        self._local = threading.local()
+        #: How this client waits for results (``producer.waiting``): shared by ``result``,
+        #: ``results`` and ``classify``.
+        self.waiter = Waiter(self)
 
     def submit(
         self,
@@ -331,8 +334,7 @@ class Client:
         if raw is None and not timeout:
             return pending_result(job_id)
         if raw is None and timeout:
-            deadline = time.monotonic() + timeout
-            raw = self.retrying(lambda: self._wait_for(key, deadline))
+            raw = self.waiter.one(job_id, time.monotonic() + timeout)
         if raw is None:
             raise ResultTimeoutError(f"job {job_id} has no result after {timeout:g} s")
         return decode_result_meta(raw)
@@ -343,17 +345,7 @@ class Client:
         Waits up to ``timeout`` seconds for all of them; jobs still unanswered then come back
         with status ``PENDING`` (this call does not raise on timeout).
         """
-        found: dict[str, dict[str, Any]] = {}
-        deadline = time.monotonic() + (timeout or 0.0)
-        pause = 0.002
-        while True:
-            waiting = [jid for jid in dict.fromkeys(job_ids) if jid not in found]
-            for start in range(0, len(waiting), 1000):
-                found.update(self.fetch(waiting[start : start + 1000]))
-            if len(found) == len(set(job_ids)) or time.monotonic() >= deadline:
-                break
-            time.sleep(min(pause, max(0.0, deadline - time.monotonic())))
-            pause = min(pause * 2, 0.1)
+        found = self.waiter.many(job_ids, time.monotonic() + (timeout or 0.0))
         return [found.get(jid) or pending_result(jid) for jid in job_ids]
 
     @property
@@ -363,9 +355,7 @@ class Client:
 
     def close(self) -> None:
         """Release the Redis connections."""
-        pubsub = getattr(self._local, "pubsub", None)
-        if pubsub is not None:
-            pubsub.close()
+        self.waiter.close()
         self._redis.close()
 
     def __enter__(self) -> Client:
@@ -373,43 +363,6 @@ class Client:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
-
-    def _wait_for(self, key: str, deadline: float) -> bytes | str | None:
-        """Block until ``key`` is written (Celery's backend publishes on the key's channel).
-
-        Each thread keeps one subscriber connection open across calls: connecting per call
-        would cost more than the wait.
-        """
-        pubsub = getattr(self._local, "pubsub", None)
-        if pubsub is None:
-            pubsub = self._local.pubsub = self._redis.pubsub(ignore_subscribe_messages=True)
-        channel = key.encode()
-        try:
-            pubsub.subscribe(key)
-        except redis.ConnectionError:
-            self._local.pubsub = None  # a Redis restart broke it: the retry takes a new one
-            raise
-        try:
-            # Subscribed first, read second: a result written in between is not missed.
-            raw = self._redis.get(key)
-            while raw is None:
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    return None
-                message = pubsub.get_message(timeout=min(remaining, 1.0))
-                if message and message.get("type") == "message":
-                    if message.get("channel") == channel:
-                        raw = message["data"]
-                elif message is None:
-                    # A writer that does not publish is still seen, once a second.
-                    raw = self._redis.get(key)
-            return raw
-        except redis.ConnectionError:
-            self._local.pubsub = None
-            raise
-        finally:
-            if self._local.pubsub is not None:
-                pubsub.unsubscribe(key)
 
     def retrying(self, call: Callable[[], T]) -> T:
         """``call()``, retried while Redis can't be reached, for up to BATCHERY_CONNECT_RETRY s."""
