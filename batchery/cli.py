@@ -9,7 +9,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from producer.errors import BatcheryError, ConfigError
-from producer.registry import PROMOTED_FILE
+from producer.registry import PROMOTED_FILE, ModelInfo, Registry
 from producer.settings import Settings
 from producer.wire import PRIORITIES
 
@@ -161,6 +161,11 @@ def _parser() -> argparse.ArgumentParser:
         help="this version's batches cut to MS of work, not the workers' budget (for a model "
         "whose one job costs more than the budget: a few jobs' worth)",
     )  # fmt: skip
+    p.add_argument(
+        "--baseline-dir", type=Path, metavar="DIR",
+        help="images the version is expected to see: their answers and input statistics "
+        "are kept as its monitoring baseline (batchery monitor)",
+    )  # fmt: skip
     p = msub.add_parser("promote", help="serve VERSION of NAME to jobs that name no version")
     p.add_argument("name", metavar="NAME")
     p.add_argument("version", metavar="VERSION")
@@ -189,6 +194,17 @@ def _parser() -> argparse.ArgumentParser:
     p = msub.add_parser("evaluate", help="accuracy and confusion matrix on DATA_DIR/<label>/*")
     p.add_argument("model", metavar="NAME[@VERSION]")
     p.add_argument("data_dir", type=Path, metavar="DATA_DIR")
+    p.add_argument("--json", action="store_true")
+    p.add_argument(
+        "--record-baseline", action="store_true",
+        help="also keep what the version answered on DATA_DIR as its monitoring baseline",
+    )  # fmt: skip
+
+    p = sub.add_parser(
+        "monitor", help="model quality in production: each version's live window, drift from "
+        "its baseline, low confidence, live accuracy from feedback",
+    )  # fmt: skip
+    p.add_argument("name", nargs="?", metavar="NAME", help="one model (default: all)")
     p.add_argument("--json", action="store_true")
 
     p = sub.add_parser("status", help="queue depth, in flight, workers alive, done, failed")
@@ -467,10 +483,36 @@ def _models(args: argparse.Namespace, settings: Settings) -> int:
                              offset=args.offset, batch_budget_ms=args.batch_budget_ms)  # fmt: skip
         promoted = registry.promoted(info.name) == info.version
         print(f"published {info.key}{' (promoted)' if promoted else ''}")
+        if args.baseline_dir is not None:
+            _record_baseline(registry, info, args.baseline_dir)
         return 0
     name, _, version = args.model.partition("@")
-    result = evaluate(registry.get(name, version or None), args.data_dir)
+    info = registry.get(name, version or None)
+    result = evaluate(info, args.data_dir)
     print(json.dumps(result.to_dict()) if args.json else result.table())
+    if args.record_baseline:
+        _record_baseline(registry, info, args.data_dir, quiet=args.json)
+    return 0
+
+
+def _record_baseline(registry: Registry, info: ModelInfo, data_dir: Path, quiet: bool = False
+                     ) -> None:  # fmt: skip
+    from worker.publish import measure_baseline
+
+    baseline = measure_baseline(info, data_dir)
+    registry.record_baseline(info.name, info.version, baseline)
+    if not quiet:
+        print(f"baseline of {info.key}: {baseline['jobs']} images from {data_dir}",
+              file=sys.stderr)  # fmt: skip
+
+
+def _monitor(args: argparse.Namespace, settings: Settings) -> int:
+    from batchery.monitor import collect, render
+    from producer.client import Client
+
+    with Client(settings=settings) as client:
+        rows = collect(client.redis, Registry.from_settings(settings), settings, args.name)
+    print(json.dumps(rows, indent=2) if args.json else render(rows))
     return 0
 
 
@@ -558,6 +600,7 @@ _COMMANDS = {
     "classify": _classify,
     "train": _train,
     "models": _models,
+    "monitor": _monitor,
     "status": _status,
     "serve": _serve,
     "bench": _bench,

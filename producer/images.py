@@ -81,6 +81,18 @@ def sniff_format(data: bytes) -> str | None:
     return None
 
 
+def image_header(data: bytes) -> tuple[str, int, int] | None:
+    """An accepted image's format, width and height from its header; None if unreadable."""
+    fmt = sniff_format(data)
+    if fmt is None:
+        return None
+    try:
+        width, height = _STRUCTURE[fmt](data)
+    except (_Truncated, struct.error, IndexError, ValueError):
+        return None
+    return fmt, width, height
+
+
 def check_image_bytes(data: bytes, name: str, max_bytes: int, max_pixels: int) -> str:
     """Check size, format, dimensions and completeness from the bytes' structure alone.
 

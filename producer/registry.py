@@ -27,6 +27,10 @@ META_FILE = "model.json"
 #: Beside ``model.json`` when the registry is signed: its signature (see producer.signing).
 SIGNATURE_FILE = "model.json.sig"
 PROMOTED_FILE = "PROMOTED"
+#: Beside ``model.json``: the version's monitoring baseline (producer.monitoring), JSON on
+#: the first line and, when the registry is signed, its signature on the second. A file of
+#: its own, written atomically: recording a baseline never rewrites a manifest workers read.
+BASELINE_FILE = "baseline.json"
 #: How far below its source an optimised version may score and still be promoted.
 MAX_ACCURACY_DROP = 0.01
 
@@ -251,6 +255,29 @@ class Registry:
             self.promote(name, self.promoted(name))
         return versions
 
+    def record_baseline(self, name: str, version: str, baseline: dict[str, Any]) -> None:
+        """Keep ``baseline`` beside ``name@version``'s manifest (signed when keyed)."""
+        info = self.get(name, version)
+        raw = json.dumps(baseline, sort_keys=True)
+        content = raw + "\n"
+        if self.key is not None:
+            content += self.key.sign(_baseline_context(name, info.version), raw.encode()) + "\n"
+        _write_atomically(info.path / BASELINE_FILE, content.encode())
+
+    def baseline(self, name: str, version: str) -> dict[str, Any] | None:
+        """``name@version``'s recorded baseline, None if it has none; checked when verifying."""
+        info = self.get(name, version)
+        file = info.path / BASELINE_FILE
+        if not file.is_file():
+            return None
+        raw, _, signature = file.read_text().partition("\n")
+        if self.verifier is not None:
+            what = f"{info.key} {BASELINE_FILE}"
+            context = _baseline_context(name, info.version)
+            self.verifier.verify(context, raw.encode(), signature.strip() or None, what)
+        found: dict[str, Any] = json.loads(raw)
+        return found
+
     def publish(
         self,
         source: Path,
@@ -374,6 +401,10 @@ def _write_atomically(path: Path, data: bytes) -> None:
 
 def _meta_context(name: str, version: str) -> str:
     return f"{name}/{version}/{META_FILE}"
+
+
+def _baseline_context(name: str, version: str) -> str:
+    return f"{name}/{version}/{BASELINE_FILE}"
 
 
 def _promoted_context(name: str) -> str:

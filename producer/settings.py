@@ -73,6 +73,10 @@ class Settings:
     http_max_wait_s: float = 60.0
     http_body_timeout_s: float = 30.0
     shared_roots: tuple[Path, ...] = ()
+    monitor: bool = True
+    monitor_window_jobs: int = 1000
+    drift_threshold: float = 0.2
+    low_confidence: float = 0.5
 
     def __post_init__(self) -> None:
         if self.chunk_size > MAX_JOBS_PER_MESSAGE:
@@ -282,6 +286,16 @@ class Settings:
                 number("BATCHERY_HTTP_BODY_TIMEOUT", defaults.http_body_timeout_s, float, 0.1)
             ),
             shared_roots=shared_roots(env.get("BATCHERY_SHARED_ROOTS", "")),
+            monitor=flag("BATCHERY_MONITOR", default=True),
+            monitor_window_jobs=int(
+                number("BATCHERY_MONITOR_WINDOW_JOBS", defaults.monitor_window_jobs, minimum=50)
+            ),
+            drift_threshold=float(
+                number("BATCHERY_DRIFT_THRESHOLD", defaults.drift_threshold, float, 0.001)
+            ),
+            low_confidence=float(
+                number("BATCHERY_LOW_CONFIDENCE", defaults.low_confidence, float, minimum=0)
+            ),
         )
 
 

@@ -159,6 +159,38 @@ def rate_key(owner: str) -> str:
     return f"batchery:rate:{owner}"
 
 
+#: Model quality in production (``producer.monitoring``): what a model version's answers and
+#: inputs looked like, one hash a minute a version (counts of classes, score bins, pixel
+#: statistics, input sizes and formats), written by workers in a batch's result pipeline
+#: and summed by readers; a version's baseline when its manifest has none (its first live
+#: window, JSON); a job's true label (``Client.feedback``); a version's feedback counts
+#: (``<true>\t<predicted>`` -> jobs).
+MONITOR_KEY_PREFIX = "batchery:monitor:"
+MONITOR_BUCKET_S = 60
+MONITOR_TTL_S = 2 * 3600
+FEEDBACK_KEY_PREFIX = "batchery:feedback:"
+
+
+def monitor_key(model: str, version: str, minute: int) -> str:
+    """One minute's monitoring counts for ``model@version`` (``minute``: epoch s // 60)."""
+    return f"{MONITOR_KEY_PREFIX}{model}@{version}:{minute}"
+
+
+def live_baseline_key(model: str, version: str) -> str:
+    """The baseline taken from ``model@version``'s first live window (no manifest baseline)."""
+    return f"{MONITOR_KEY_PREFIX}baseline:{model}@{version}"
+
+
+def feedback_key(job_id: str) -> str:
+    """A job's true label, as its feedback gave it (one feedback a job)."""
+    return f"{FEEDBACK_KEY_PREFIX}{job_id}"
+
+
+def feedback_counts_key(model: str, version: str) -> str:
+    """``model@version``'s feedback: ``<true label>\t<predicted label>`` -> jobs."""
+    return f"{FEEDBACK_KEY_PREFIX}counts:{model}@{version}"
+
+
 #: A message's header saying how many jobs it carries (workers prefetch by jobs, not messages).
 JOBS_HEADER = "batchery_jobs"
 

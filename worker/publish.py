@@ -15,6 +15,7 @@ import numpy as np
 
 from producer.errors import ModelLoadError
 from producer.registry import ModelInfo, Registry
+from worker import preprocess
 from worker.models import load, read_model, tensorflow
 from worker.train import load_folder
 
@@ -149,3 +150,29 @@ def folder_labels(data_dir: Path, info: ModelInfo) -> list[str]:
             + (f"; {unknown} are not" if unknown else "")
         )
     return folders
+
+
+def measure_baseline(info: ModelInfo, data_dir: Path, batch_size: int = 256) -> dict[str, Any]:
+    """What ``info`` looks like on the images under ``data_dir`` (any folder; labels unused):
+    the counts a worker's monitoring keeps (producer.monitoring), measured the same way."""
+    from producer.bulk import iter_inputs
+    from producer.images import image_header
+    from producer.monitoring import Profile, observe
+
+    files = list(iter_inputs([str(data_dir)]))
+    if not files:
+        raise ModelLoadError(f"{data_dir}: no images found for a baseline")
+    model = load(info, batch_size)
+    profile = Profile()
+    for start in range(0, len(files), batch_size):
+        pixels, headers = [], []
+        for file in files[start : start + batch_size]:
+            data = Path(file).read_bytes()
+            headers.append(image_header(data))
+            pixels.append(preprocess.decode(data, info, 1 << 30, 1 << 30))
+        stack = np.stack(pixels)
+        probs = model.predict(preprocess.normalize(stack, info))
+        best = probs.argmax(axis=1)
+        labels = [info.labels[int(i)] for i in best]
+        profile.counts.update(observe(stack, labels, probs.max(axis=1), headers))
+    return {**profile.to_json(), "source": str(data_dir)}

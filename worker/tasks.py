@@ -12,7 +12,7 @@ import json
 import logging
 import time
 from collections import Counter, defaultdict
-from collections.abc import Callable, Collection, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import replace
 from typing import Any, Protocol
 
@@ -21,8 +21,10 @@ import redis
 
 from producer.connections import ReplicaAcks
 from producer.errors import BatchContractError, BatcheryError, InvalidImageError, WireError
-from producer.images import read_shared
+from producer.images import image_header, read_shared
 from producer.ledger import Ledger, settle, settle_part
+from producer.monitoring import add_counts
+from producer.monitoring import observe as observe_batch
 from producer.settings import Settings
 from producer.signing import Signer
 from producer.wire import (
@@ -89,6 +91,8 @@ class BatchRunner:
         self.budgets: dict[tuple[str | None, str | None], float] = {}
         #: Jobs of the batch running that were answered before it (see run and answer).
         self.answered_before: set[str] = set()
+        #: The batch's monitoring counts per (model, version) (producer.monitoring).
+        self.monitored: dict[tuple[str, str], Counter[str]] = {}
 
     def run(self, requests: Sequence[RequestLike]) -> list[JobResult]:
         """Answer every job in these messages and store the answers; return them.
@@ -103,6 +107,7 @@ class BatchRunner:
         """
         started = time.time()
         self.answered_before = set()
+        self.monitored = {}
         jobs, results, unanswerable = self.read(requests)
         try:
             results.extend(self.answer(jobs))
@@ -316,23 +321,37 @@ class BatchRunner:
         """
         info = model.info
         inputs: list[np.ndarray] = []
+        headers: list[tuple[str, int, int] | None] = []
         ready: list[Job] = []
         results: list[JobResult] = []
         limits = self.settings.max_image_bytes, self.settings.max_image_pixels
+        monitor = self.settings.monitor
         for job in jobs:
             try:
                 data = job.image
                 if job.path is not None:  # the worker reads it, where it may
                     data = read_shared(job.path, self.settings.shared_roots, limits[0])
                 inputs.append(preprocess.decode(data, info, *limits))
+                if monitor:
+                    headers.append(image_header(data))
                 ready.append(job)
             except InvalidImageError as exc:
                 results.append(JobResult.failure(job, str(exc), info.name, info.version))
+        counts = (
+            self.monitored.setdefault((info.name, info.version), Counter()) if monitor else None
+        )
+        if counts is not None and results:
+            counts["err"] += len(results)
         if ready:
             observe = self.metrics.forward_pass if self.metrics else None
-            normalized = preprocess.normalize(np.stack(inputs), info)
+            pixels = np.stack(inputs)
+            normalized = preprocess.normalize(pixels, info)
             probs = model.predict(normalized, observe)
             answers = postprocess(model, ready, probs, self.settings.top_k)
+            if counts is not None:
+                counts.update(observe_batch(pixels, [a.label or "" for a in answers],
+                                            np.array([a.score or 0.0 for a in answers]),
+                                            headers))  # fmt: skip
             results.extend(explain(model, ready, normalized, answers))
         by_id = {result.job_id: result for result in results}
         return [by_id[job.id] for job in jobs]
@@ -344,7 +363,8 @@ class BatchRunner:
     ) -> None:  # fmt: skip
         """Store a batch's results (see :func:`store_results`)."""
         store_results(self.redis, self.settings.queue, results, self.settings.result_ttl_s,
-                      quiet, settled, refused=refused, acks=self.acks, parts=parts)  # fmt: skip
+                      quiet, settled, refused=refused, acks=self.acks, parts=parts,
+                      monitored=self.monitored)  # fmt: skip
 
 
 def answer_each(
@@ -388,6 +408,7 @@ def store_results(
     client: redis.Redis, queue: str, results: Sequence[JobResult], ttl_s: int,
     quiet: Collection[str] = (), settled: Sequence[str] = (), batch: bool = True,
     refused: int = 0, acks: ReplicaAcks | None = None, parts: Sequence[tuple[str, int]] = (),
+    monitored: Mapping[tuple[str, str], Mapping[str, int]] | None = None,
 ) -> None:  # fmt: skip
     """Write every result, publish it to waiting clients and count it: one round trip.
 
@@ -399,7 +420,8 @@ def store_results(
     ledger. ``batch``: count a batch (not for refused messages). ``refused``: jobs refused
     without an id to answer them by. ``acks``: return only once that many replicas hold the
     writes, else raise :class:`~producer.errors.ReplicaAckError` (the batch is given back,
-    and its messages acked only when a later try is confirmed).
+    and its messages acked only when a later try is confirmed). ``monitored``: the batch's
+    monitoring counts per model version, added to this minute's hashes in the same trip.
     """
     args: list[Any] = [ttl_s, f"{time.time():.3f}", 1 if batch else 0, refused,
                        RESULT_KEY_PREFIX, JOB_KEY_PREFIX]  # fmt: skip
@@ -417,6 +439,8 @@ def store_results(
         settle(pipe, queue, settled)
         for message_id, answered in parts:  # parts of split messages (see worker.batching)
             settle_part(pipe, queue, message_id, answered)
+        for (model, version), counts in (monitored or {}).items():
+            add_counts(pipe, model, version, counts)
         if acks is not None:
             acks.add(pipe)
         replies = pipe.execute()
