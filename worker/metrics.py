@@ -11,7 +11,9 @@ Metric names (the Grafana dashboard in deploy/ uses exactly these; a test checks
 forward pass), ``batchery_inference_seconds`` (one forward pass),
 ``batchery_queue_wait_seconds`` (submit to the start of the job's batch),
 ``batchery_end_to_end_seconds`` (submit to result stored),
-``batchery_model_loads_total{model,version}``, ``batchery_queue_depth`` and
+``batchery_model_loads_total{model,version}``, ``batchery_top1_score{model,version}`` (each
+answered job's top-1 score, bucketed at producer.monitoring.SCORE_EDGES; the drift figures
+are the gateway's, gateway/quality.py), ``batchery_queue_depth`` and
 ``batchery_in_flight`` (messages waiting, and taken but not yet acknowledged), and
 ``batchery_backlog_jobs{queue}``: jobs pushed and not answered yet across the deployment
 (waiting, buffered in workers, running), the signal to scale workers on (deploy/k8s).
@@ -26,6 +28,7 @@ import tempfile
 from collections.abc import Callable, Iterator
 from typing import Any
 
+from producer.monitoring import SCORE_EDGES
 from producer.registry import ModelInfo
 from producer.settings import Settings
 
@@ -41,6 +44,7 @@ EXPORTED = (
     "batchery_queue_wait_seconds",
     "batchery_end_to_end_seconds",
     "batchery_model_loads_total",
+    "batchery_top1_score",
     "batchery_queue_depth",
     "batchery_in_flight",
     "batchery_backlog_jobs",
@@ -49,6 +53,8 @@ EXPORTED = (
 _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30,
                     60, 300)  # fmt: skip
 _BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
+#: Upper bounds of the top-1 score buckets: monitoring's bin edges (finer near 1), then +Inf.
+_SCORE_BUCKETS = SCORE_EDGES[1:]
 
 
 class Metrics:
@@ -77,6 +83,12 @@ class Metrics:
             buckets=_LATENCY_BUCKETS,
         )
         self.model_loads = Counter("batchery_model_loads", "Models loaded", ["model", "version"])
+        self.top1_score = Histogram(
+            "batchery_top1_score",
+            "Top-1 score of each job answered",
+            ["model", "version"],
+            buckets=_SCORE_BUCKETS,
+        )
 
     def forward_pass(self, images: int, seconds: float) -> None:
         """Record one forward pass."""

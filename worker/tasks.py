@@ -218,6 +218,9 @@ class BatchRunner:
         )
         for labels, count in outcomes.items():
             self.metrics.jobs.labels(*labels).inc(count)
+        for r in results:
+            if r.status == SUCCESS and r.score is not None:
+                self.metrics.top1_score.labels(*self._label(r.model, r.version)).observe(r.score)
         answered = {result.job_id for result in results}
         for job in jobs:
             if job.submitted_at and job.id in answered:

@@ -226,6 +226,5 @@ def test_jobs_answered_are_counted_by_priority(models, fake_redis) -> None:
         assert REGISTRY.get_sample_value("batchery_jobs_total",
                                          {**labels, "priority": "high"}) == 2.0  # fmt: skip
     finally:
-        for collector in (metrics.jobs, metrics.batch_size, metrics.inference,
-                          metrics.queue_wait, metrics.end_to_end, metrics.model_loads):  # fmt: skip
+        for collector in vars(metrics).values():  # every one Metrics registered
             REGISTRY.unregister(collector)
