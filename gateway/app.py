@@ -40,6 +40,8 @@ from gateway.apikeys import ApiKeys, RateLimiter
 from gateway.delivery import Deliverer
 from gateway.guard import GatewayMetrics, Guard, headers_in_time
 from gateway.outbox import Outbox
+from gateway.quality import QualityGauges, VersionQuality, refresh
+from gateway.quality import read as read_quality
 from gateway.waiter import ResultWaiter
 from producer import connections
 from producer.client import Client
@@ -433,6 +435,7 @@ def create_app(settings: Settings, webhooks: bool = True) -> Any:
     keys = ApiKeys.load(settings.api_keys) if settings.api_keys else None
     deliver = webhooks and settings.webhook_secret is not None
     gateway_metrics = GatewayMetrics()
+    quality = QualityGauges(gateway_metrics.registry)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
@@ -452,6 +455,15 @@ def create_app(settings: Settings, webhooks: bool = True) -> Any:
             outcome = gateway_metrics.webhooks.labels
             deliverer = Deliverer(settings, r, lambda kind: outcome(kind).inc())
             task = asyncio.create_task(deliverer.run(stop))
+        # Model quality (drift, low confidence, live accuracy) for /metrics, read every 30 s
+        # in a thread: gateway/quality.py.
+        reading = None
+        if settings.monitor:
+
+            def read() -> list[VersionQuality]:
+                return read_quality(client.redis, Registry.from_settings(settings), settings)
+
+            reading = asyncio.create_task(refresh(quality, read, stop))
         try:
             yield
         finally:
@@ -459,6 +471,9 @@ def create_app(settings: Settings, webhooks: bool = True) -> Any:
             if task is not None:
                 with contextlib.suppress(asyncio.CancelledError, Exception):
                     await asyncio.wait_for(task, 5)
+            if reading is not None:  # nothing to finish: a read in hand is left to its thread
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await asyncio.wait_for(reading, 1)
             await waiter.close()
             await r.aclose()
             client.close()
