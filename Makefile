@@ -44,8 +44,13 @@ BROWSER := /usr/bin/chromium /usr/bin/chromedriver
 $(BROWSER):
 	apt-get update -qq && apt-get install -y -qq chromium chromium-driver
 
+# The alert rules' test runs promtool (`promtool test rules`), from Debian's prometheus.
+PROMTOOL := /usr/bin/promtool
+$(PROMTOOL):
+	apt-get update -qq && apt-get install -y -qq prometheus
+
 ## test: lint, type-check and run the whole suite (unit + integration)
-test: $(VENV)/.dev | $(BROWSER)
+test: $(VENV)/.dev | $(BROWSER) $(PROMTOOL)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy

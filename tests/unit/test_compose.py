@@ -123,9 +123,27 @@ def test_worker_health_shutdown_and_metrics() -> None:
     port = worker["environment"]["BATCHERY_METRICS_PORT"]
     assert worker["expose"] == [port] and "ports" not in worker
     scrape = yaml.safe_load((ROOT / "deploy/prometheus/prometheus.yml").read_text())
-    [job] = scrape["scrape_configs"]
-    [sd] = job["dns_sd_configs"]
+    jobs = {job["job_name"]: job for job in scrape["scrape_configs"]}
+    assert set(jobs) == {"batchery-workers", "batchery-gateways"}
+    [sd] = jobs["batchery-workers"]["dns_sd_configs"]
     assert sd["names"] == ["worker"] and str(sd["port"]) == port
+
+
+def test_prometheus_scrapes_every_gateway_and_loads_the_alerts() -> None:
+    """The gateways export the model quality figures the alerts read (gateway/quality.py)."""
+    services = compose()["services"]
+    scrape = yaml.safe_load((ROOT / "deploy/prometheus/prometheus.yml").read_text())
+    jobs = {job["job_name"]: job for job in scrape["scrape_configs"]}
+    [sd] = jobs["batchery-gateways"]["dns_sd_configs"]
+    # The port the gateway serves inside the compose network (and its /metrics there).
+    assert sd["names"] == ["gateway"] and sd["type"] == "A"
+    assert "--port 8000" in " ".join(services["gateway"]["command"]) and sd["port"] == 8000
+    assert jobs["batchery-gateways"].get("metrics_path", "/metrics") == "/metrics"
+    # alerts.yml, named relative to the config, mounted beside it.
+    assert scrape["rule_files"] == ["alerts.yml"]
+    mounts = services["prometheus"]["volumes"]
+    assert "./deploy/prometheus/prometheus.yml:/etc/prometheus/prometheus.yml:ro" in mounts
+    assert "./deploy/prometheus/alerts.yml:/etc/prometheus/alerts.yml:ro" in mounts
 
 
 def test_monitoring_and_demo_are_profiles() -> None:
