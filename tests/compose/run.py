@@ -10,11 +10,13 @@ docs/operations.md and the compose files' headers show, on a copy of the working
 .env of fresh secrets:
 
   up -d; up -d --scale worker=3; the gateway's page and 1,000 digits through its port, every
-  worker answering some; Flower behind its login; --profile monitoring (Prometheus up and
-  scraping every worker; each Grafana panel's query answered); run --rm demo; 2,000 jobs with
-  a worker SIGKILLed mid-run, 0 lost; sh deploy/compose-scale.sh; run --rm models ... publish
-  and list, then a job on the published model; the GPU override as `config` only (no GPU
-  here); down -v, leaving no container, network or volume.
+  worker answering some; Flower behind its login; --profile monitoring (Prometheus up,
+  scraping every worker and the gateway, its alert rules loaded; the gateway's model quality
+  figures for those digits in it, no alert firing; each Grafana panel's query answered);
+  run --rm demo; 2,000 jobs with a worker SIGKILLed mid-run, 0 lost; sh
+  deploy/compose-scale.sh; run --rm models ... publish and list, then a job on the published
+  model; the GPU override as `config` only (no GPU here); down -v, leaving no container,
+  network or volume.
 
 Grafana is not run: no registry is reachable here and it has no stand-in (its provisioning is
 checked by tests/unit/test_compose.py, and its datasource's URL is checked to answer on the
@@ -659,11 +661,13 @@ def stack(project: Path, secrets_: dict[str, str]) -> dict[str, Any]:
         names = wait_for(f"flower to list {WORKERS} workers", flower_workers, 60, every=3)
         log(f"flower lists {sorted(names)}")
 
-    with phase("--profile monitoring: prometheus scrapes every worker"):
+    with phase("--profile monitoring: prometheus scrapes every worker and the gateway"):
         command = DOCUMENTED["docker compose --profile monitoring up -d"] or ""
         compose(command, project, timeout=300)
         prometheus = Http("http://127.0.0.1:9090")
         want = {f"{ip_of(c)}:9100" for c in workers}
+        # The gateways export the model quality figures (deploy/prometheus/prometheus.yml).
+        want_gateways = {f"{ip_of(c)}:8000" for c in containers(project, "gateway")}
 
         def targets_up() -> bool:
             try:
@@ -672,15 +676,36 @@ def stack(project: Path, secrets_: dict[str, str]) -> dict[str, Any]:
                 return False
             if status != 200:
                 return False
-            up = {
-                t["labels"]["instance"]
-                for t in answer["data"]["activeTargets"]
-                if t["labels"]["job"] == "batchery-workers" and t["health"] == "up"
-            }
-            return up == want
 
-        wait_for(f"prometheus to scrape exactly {sorted(want)}", targets_up, 60)
-        log(f"prometheus: every worker an up target {sorted(want)}")
+            def up(job: str) -> set[str]:
+                return {
+                    t["labels"]["instance"]
+                    for t in answer["data"]["activeTargets"]
+                    if t["labels"]["job"] == job and t["health"] == "up"
+                }
+
+            return up("batchery-workers") == want and up("batchery-gateways") == want_gateways
+
+        wait_for(f"prometheus to scrape exactly {sorted(want)} and the gateway "
+                 f"{sorted(want_gateways)}", targets_up, 60)  # fmt: skip
+        log(f"prometheus: every worker an up target {sorted(want)}, and the gateway "
+            f"{sorted(want_gateways)}")  # fmt: skip
+        # The model quality alerts (deploy/prometheus/alerts.yml, mounted beside the config),
+        # each evaluated without error (health "unknown" until the first evaluation, 15 s).
+        alert_names = ("BatcheryModelDrift", "BatcheryLowConfidence", "BatcheryLiveAccuracyLow")
+
+        def alert_rules() -> dict[str, str]:
+            status, answer = prometheus.json("GET", "/api/v1/rules?type=alert")
+            check(status == 200, f"/api/v1/rules: {status} {answer}")
+            return {r["name"]: r["health"] for g in answer["data"]["groups"] for r in g["rules"]}
+
+        def rules_evaluated() -> bool:
+            rules = alert_rules()
+            check(set(rules) == set(alert_names), f"prometheus's alert rules: {rules}")
+            return set(rules.values()) == {"ok"}
+
+        wait_for("prometheus to evaluate the alert rules", rules_evaluated, 45)
+        log(f"prometheus: the alert rules loaded and evaluated: {alert_rules()}")
         # Grafana's datasource URL (deploy/grafana/provisioning) answers on the network.
         compose(
             'docker compose exec -T gateway python -c "import urllib.request as u; '
@@ -706,6 +731,32 @@ def stack(project: Path, secrets_: dict[str, str]) -> dict[str, Any]:
         counts = wait_for("every worker's jobs in prometheus", every_worker_answered, 30)
         log(f"jobs answered by each worker container (prometheus): {counts}")
         found["per_worker"] = counts
+        scores = sum(float(r["value"][1]) for r in promql(prometheus, "batchery_top1_score_count"))
+        check(scores >= 1000, f"the workers' top-1 score histogram holds {scores} jobs")
+
+        # The gateway reads the model quality figures every 30 s; Prometheus scrapes them.
+        promoted = (project / "models/mnist-cnn/PROMOTED").read_text().split()[0]
+        version = f'{{job="batchery-gateways",model="mnist-cnn",version="{promoted}"}}'
+
+        names = ("batchery_model_window_jobs", "batchery_model_drift", "batchery_model_drifted",
+                 "batchery_model_low_confidence_ratio", "batchery_model_feedback_jobs")  # fmt: skip
+
+        def quality() -> dict[str, float] | None:
+            figures = {
+                name: [float(r["value"][1]) for r in promql(prometheus, name + version)]
+                for name in names
+            }
+            if not figures["batchery_model_window_jobs"] or not figures["batchery_model_drift"]:
+                return None  # the first read with 1,000 jobs (the first live window) to come
+            return {name: max(values) for name, values in figures.items() if values}
+
+        figures = wait_for("the gateway's model quality figures in prometheus", quality, 90)
+        log(f"mnist-cnn@{promoted} in prometheus, from the gateway: {figures}")
+        # The same digits as the first window, which is the baseline: no drift; the shipped
+        # model answers these digits confidently (no alert would fire).
+        check(figures["batchery_model_window_jobs"] >= 1000, f"window: {figures}")
+        check(figures["batchery_model_drifted"] == 0, f"drifted on the same digits: {figures}")
+        check(figures["batchery_model_low_confidence_ratio"] < 0.1, f"low: {figures}")
 
     with phase("run --rm demo"):
         out = compose("docker compose run --rm demo", project, timeout=300).stdout
@@ -773,6 +824,8 @@ def stack(project: Path, secrets_: dict[str, str]) -> dict[str, Any]:
         empty = [e for e in exprs if not promql(prometheus, e)]
         check(exprs and not empty, f"panels with no data: {empty}")
         log(f"{len(exprs)} panel queries, each with data")
+        alerts = promql(prometheus, 'ALERTS{alertname=~"Batchery.*"}')
+        check(not alerts, f"model quality alerts on a healthy stack: {alerts}")
 
     with phase("sh deploy/compose-scale.sh"):
         out = compose("sh deploy/compose-scale.sh", project, timeout=180).stdout

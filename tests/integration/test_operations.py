@@ -22,6 +22,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from batchery.local import RedisServer, WorkerProcess, free_port
+from gateway.quality import EXPORTED as QUALITY
 from producer.client import Client
 from producer.registry import Registry
 from tests.factories import corrupt_png, digit_paths, wait_until_serving
@@ -133,17 +134,22 @@ def test_the_backlog_counts_every_job_not_answered_where_queue_depth_cannot(
 
 
 def test_the_dashboard_queries_only_metrics_the_worker_exports(ops: OpsWorker) -> None:
+    """Those of a worker, and the model quality figures of a gateway (gateway/quality.py,
+    tested in tests/unit/test_quality_metrics.py)."""
     live = {name for name, _ in ops.scrape()}
     exported = {re.sub(r"_(bucket|sum|count)$", "", name) for name in live}
     assert set(EXPORTED) <= exported | live
     dashboard = json.loads(DASHBOARD.read_text())
     queries = [t["expr"] for p in dashboard["panels"] for t in p["targets"]]
-    named = {m for q in queries for m in re.findall(r"\bbatchery_[a-z_]+", q)}
+    named = {m for q in queries for m in re.findall(r"\bbatchery_[a-z_0-9]+", q)}
     assert named, "the dashboard queries no batchery metric"
-    assert named <= live, f"the dashboard names metrics no worker exports: {named - live}"
+    from_workers = named - set(QUALITY)
+    assert from_workers <= live, f"the dashboard names metrics none exports: {from_workers - live}"
     for wanted in ("batchery_jobs_total", "batchery_batch_size_sum", "batchery_queue_depth",
-                   "batchery_end_to_end_seconds_bucket"):  # fmt: skip
-        assert wanted in named  # throughput, batch size, queue depth, latency
+                   "batchery_end_to_end_seconds_bucket", "batchery_top1_score_bucket",
+                   "batchery_model_drift", "batchery_model_low_confidence_ratio",
+                   "batchery_model_live_accuracy"):  # fmt: skip
+        assert wanted in named  # throughput, batch size, queue depth, latency, quality
 
 
 def test_logs_are_one_json_object_a_line_with_job_ids(ops: OpsWorker) -> None:
