@@ -69,6 +69,13 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("job_ids", nargs="+", metavar="JOB_ID")
 
     p = sub.add_parser(
+        "feedback",
+        help="give an answered job's true label: live accuracy and confusion in batchery monitor",
+    )
+    p.add_argument("job_id", metavar="JOB_ID")
+    p.add_argument("label", metavar="LABEL", help="the true class, as the model names it")
+
+    p = sub.add_parser(
         "result",
         help="print results as JSON lines; exit 1 unless every one is SUCCESS "
         "(FAILURE, CANCELLED, EXPIRED, still PENDING)",
@@ -365,6 +372,17 @@ def _cancel(args: argparse.Namespace, settings: Settings) -> int:
     return 0 if all(flags) else 1
 
 
+def _feedback(args: argparse.Namespace, settings: Settings) -> int:
+    from producer.client import Client
+
+    with Client(settings=settings) as client:
+        got = client.feedback(args.job_id, args.label)
+    verdict = "right" if got["correct"] else f"wrong: it answered {got['predicted']}"
+    print(f"{got['job_id']}: label {got['label']} recorded for {got['model']}@{got['version']} "
+          f"({verdict})")  # fmt: skip
+    return 0
+
+
 def _result(args: argparse.Namespace, settings: Settings) -> int:
     from producer.client import Client
     from producer.wire import SUCCESS
@@ -595,6 +613,7 @@ _COMMANDS = {
     "worker": _worker,
     "submit": _submit,
     "cancel": _cancel,
+    "feedback": _feedback,
     "explain": _explain,
     "result": _result,
     "classify": _classify,

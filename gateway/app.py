@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ipaddress
+import json
 import logging
 import math
 import re
@@ -44,12 +45,15 @@ from gateway.quality import QualityGauges, VersionQuality, refresh
 from gateway.quality import read as read_quality
 from gateway.waiter import ResultWaiter
 from producer import connections
-from producer.client import Client
+from producer.client import Client, check_label
 from producer.errors import (
     BatcheryError,
     ConfigError,
+    FeedbackError,
     ImageTooLargeError,
     InvalidImageError,
+    InvalidLabelError,
+    JobNotFoundError,
     ModelNotFoundError,
     QueueFullError,
     RedisUnavailableError,
@@ -153,7 +157,12 @@ def refusal(exc: BaseException) -> HTTPException:
         return HTTPException(429, text, {"Retry-After": "1"})
     if isinstance(exc, (RedisUnavailableError, ReplicaAckError)):
         return HTTPException(503, text, {"Retry-After": "1"})
-    if isinstance(exc, (InvalidImageError, WireError, ModelNotFoundError, WebhookRefusedError)):
+    if isinstance(exc, JobNotFoundError):
+        return HTTPException(404, text)
+    if isinstance(exc, FeedbackError) and not isinstance(exc, InvalidLabelError):
+        return HTTPException(409, text)  # not answered, no prediction, or given already
+    if isinstance(exc, (InvalidImageError, WireError, ModelNotFoundError, WebhookRefusedError,
+                        InvalidLabelError)):  # fmt: skip
         return HTTPException(400, text)
     return HTTPException(500, f"{type(exc).__name__}: {text}")
 
@@ -344,6 +353,43 @@ async def cancel_job(request: Request) -> Response:
     return JSONResponse(result, 200 if cancelled else 409)
 
 
+async def give_feedback(request: Request) -> Response:
+    """``POST /v1/jobs/{id}/feedback`` with ``{"label": "..."}``: the answered job's true label
+    (``Client.feedback``): 200 with what was recorded; 404 unknown (or another key's), 409 not
+    answered, answered without a prediction, or given already; 400 a label the model lacks."""
+    gw: Gateway = request.app.state.gateway
+    owner = await gw.authorize(request)
+    job_id = _job_id(request)
+    label = await _feedback_label(request)
+    await _known(gw, job_id, owner)
+    try:
+        recorded = await run_in_threadpool(gw.client.feedback, job_id, label)
+    except BatcheryError as exc:
+        raise refusal(exc) from exc
+    return JSONResponse(recorded)
+
+
+async def _feedback_label(request: Request) -> str:
+    """The label in a feedback request's JSON body (400 or 415 if there is none)."""
+    kind = request.headers.get("content-type", "").split(";", 1)[0].strip().lower()
+    if kind != "application/json":
+        raise HTTPException(415, 'send {"label": "..."} as application/json, not '
+                            f"{kind[:60] or 'no Content-Type'}")  # fmt: skip
+    try:
+        body = json.loads(await request.body())
+    except (ValueError, UnicodeDecodeError):
+        raise HTTPException(400, 'the body is not JSON: send {"label": "..."}') from None
+    if not isinstance(body, dict) or "label" not in body:
+        raise HTTPException(400, 'the body must be an object with a label: {"label": "..."}')
+    if set(body) != {"label"}:
+        extra = sorted(set(body) - {"label"})[0]
+        raise HTTPException(400, f"unknown field {excerpt(extra)} (the one field: label)")
+    try:
+        return check_label(body["label"])
+    except InvalidLabelError as exc:
+        raise HTTPException(400, str(exc)) from exc
+
+
 async def list_models(request: Request) -> Response:
     """``GET /v1/models``: the registry, as ``batchery models list --json``."""
     gw: Gateway = request.app.state.gateway
@@ -483,6 +529,7 @@ def create_app(settings: Settings, webhooks: bool = True) -> Any:
         Route("/v1/jobs", submit, methods=["POST"]),
         Route("/v1/jobs/{job_id}", get_job, methods=["GET"]),
         Route("/v1/jobs/{job_id}/cancel", cancel_job, methods=["POST"]),
+        Route("/v1/jobs/{job_id}/feedback", give_feedback, methods=["POST"]),
         Route("/v1/models", list_models, methods=["GET"]),
         Route("/healthz", healthz),
         Route("/readyz", readyz),

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from producer.client import MAX_LABEL_CHARS
 from producer.images import ALLOWED_FORMATS
 from producer.settings import Settings
 from producer.wire import (
@@ -259,6 +260,51 @@ def document(settings: Settings, webhooks: bool = True) -> dict[str, Any]:
                     },
                 },
             },
+            "/v1/jobs/{job_id}/feedback": {
+                "post": {
+                    "summary": "Give an answered job's true label",
+                    "description": "Counts the job's answer right or wrong for its model "
+                    "version: live accuracy and a confusion matrix in batchery monitor. One "
+                    "feedback a job; the label must be one of the version's labels.",
+                    "operationId": "giveFeedback",
+                    "security": auth,
+                    "parameters": [job_id],
+                    "requestBody": {
+                        "required": True,
+                        "content": {
+                            "application/json": {
+                                "schema": {"$ref": "#/components/schemas/FeedbackRequest"}
+                            }
+                        },
+                    },
+                    "responses": {
+                        "200": {
+                            "description": "recorded: the label given, the one predicted",
+                            "content": {
+                                "application/json": {
+                                    "schema": {"$ref": "#/components/schemas/Feedback"}
+                                }
+                            },
+                        },
+                        # Also for bodies this schema lets through: whether a label is one of
+                        # the job's model version's is not something a JSON Schema can say.
+                        "400": _error(
+                            "not a job id, a body without a label, or a label the job's model "
+                            "version does not have"
+                        ),
+                        **unauthorized,
+                        "404": _error("no such job"),
+                        "409": _error(
+                            "not answered yet, answered without a prediction (FAILURE, "
+                            "EXPIRED, CANCELLED), or its feedback already given"
+                        ),
+                        "413": _error("a body over the cap"),
+                        "415": _error("a body that is not application/json"),
+                        **limited,
+                        "503": _error("Redis is unreachable", retry_after=True),
+                    },
+                },
+            },
             "/v1/models": {
                 "get": {
                     "summary": "Every version of every model (batchery models list --json)",
@@ -328,6 +374,32 @@ def document(settings: Settings, webhooks: bool = True) -> dict[str, Any]:
                                 },
                             },
                         }
+                    },
+                },
+                "FeedbackRequest": {
+                    "type": "object",
+                    "required": ["label"],
+                    "properties": {
+                        "label": {
+                            "type": "string",
+                            "minLength": 1,
+                            "maxLength": MAX_LABEL_CHARS,
+                            "description": "the job's true class, as its model names it "
+                            "(printable text: no tab or newline)",
+                        }
+                    },
+                    "additionalProperties": False,
+                },
+                "Feedback": {
+                    "type": "object",
+                    "required": ["job_id", "model", "version", "label", "predicted", "correct"],
+                    "properties": {
+                        "job_id": {"type": "string"},
+                        "model": {"type": "string"},
+                        "version": {"type": "string"},
+                        "label": {"type": "string", "description": "the true label given"},
+                        "predicted": {"type": "string", "description": "the job's answer"},
+                        "correct": {"type": "boolean"},
                     },
                 },
                 "Result": {

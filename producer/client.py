@@ -14,10 +14,18 @@ import redis
 from producer import connections
 from producer.connections import ReplicaAcks
 from producer.errors import (
+    BatcheryError,
+    FeedbackError,
+    FeedbackGivenError,
     InvalidImageError,
+    InvalidLabelError,
+    JobNotAnsweredError,
+    JobNotFoundError,
+    NoPredictionError,
     QueueFullError,
     RedisUnavailableError,
     ResultTimeoutError,
+    WireError,
 )
 from producer.images import ImageInput, image_bytes
 from producer.ledger import Ledger
@@ -28,8 +36,10 @@ from producer.waiting import Waiter
 from producer.webhooks import WebhookPolicy
 from producer.wire import (
     JOB_KEY_PREFIX,
+    PENDING,
     RESULT_KEY_PREFIX,
     STATS_KEY,
+    SUCCESS,
     WEBHOOK_STREAM,
     Job,
     JobResult,
@@ -44,6 +54,10 @@ from producer.wire import (
     decode_result_meta,
     encode_job_record,
     encode_result_meta,
+    excerpt,
+    feedback_counts_key,
+    feedback_key,
+    job_key,
     new_job_ids,
     pending_result,
     result_key,
@@ -55,6 +69,8 @@ MAX_CONNECTIONS = 2048
 #: command of at most 512 MB, and cuts the connection on a bigger one (which reads like an
 #: outage); and the producer would hold it all, twice, meanwhile.
 MAX_PUSH_BYTES = 256 * 1024 * 1024
+#: Longest label feedback may carry (``Client.feedback``).
+MAX_LABEL_CHARS = 128
 
 
 class Client:
@@ -80,6 +96,7 @@ class Client:
         self._signer = Signer.from_settings(settings)
         self._ledger = Ledger(self._redis, settings.queue, ReplicaAcks.from_settings(settings))
         self._cancel = self._redis.register_script(_CANCEL)
+        self._feedback = self._redis.register_script(_FEEDBACK)
         self._outbox: list[_Ticket] = []
         self._pushing = False
         self._outbox_ready = threading.Condition()
@@ -196,6 +213,85 @@ class Client:
             return list(self._cancel(keys=[STATS_KEY, WEBHOOK_STREAM, *keys], args=args))
 
         return [bool(flag) for flag in self.retrying(run)]
+
+    def feedback(self, job_id: str, label: str) -> dict[str, Any]:
+        """Record ``label`` as the true label of an answered job: live accuracy per model
+        version, and its confusion matrix, in ``batchery monitor``.
+
+        Returns ``{"job_id", "model", "version", "label", "predicted", "correct"}``. One
+        feedback a job, for as long as results are kept (BATCHERY_RESULT_TTL). Refused, and
+        nothing recorded, with :class:`~producer.errors.JobNotFoundError` for an id Redis
+        knows nothing of; :class:`~producer.errors.JobNotAnsweredError` for a job not
+        answered yet; :class:`~producer.errors.NoPredictionError` for one answered FAILURE,
+        EXPIRED or CANCELLED (no prediction to judge); :class:`~producer.errors.
+        FeedbackGivenError` for a second feedback (the first stands);
+        :class:`~producer.errors.InvalidLabelError` for a label that is not printable text of
+        1 to :data:`MAX_LABEL_CHARS` characters, or not one of the version's labels.
+
+        The label is checked against the model version's labels in the registry
+        (BATCHERY_MODEL_DIR) when this host sees it. A host without the registry directory
+        accepts any well-formed label, as :meth:`check_model` accepts any model name there:
+        feedback often comes from a labelling tool far from the models, and a label the
+        model does not have is still counted, as wrong, and shows as its own row of the
+        confusion matrix rather than vanishing. The check, the one-feedback rule and the
+        count are atomic: one script re-reads the result, SETs the job's feedback with NX
+        and adds one to the version's counts (``wire.feedback_counts_key``).
+        """
+        job_id = check_job_id(job_id)
+        label = check_label(label)
+        rkey, jkey = result_key(job_id), job_key(job_id)
+
+        def read() -> list[Any]:
+            with self._redis.pipeline(transaction=False) as pipe:
+                pipe.get(rkey)
+                pipe.exists(jkey)
+                return pipe.execute()
+
+        raw, known = self.retrying(read)
+        if raw is None:
+            raise _unanswered(job_id, bool(known))
+        result = decode_result_meta(raw)
+        status = result.get("status")
+        if status == PENDING:
+            raise _unanswered(job_id, True)
+        if status != SUCCESS:
+            raise _no_prediction(job_id, str(status), result.get("error"))
+        model, version, predicted = result.get("model"), result.get("version"), result.get("label")
+        if not (isinstance(model, str) and isinstance(version, str) and isinstance(predicted, str)):
+            raise WireError(f"job {job_id}'s result names no model, version or label")
+        registry = Registry(self.settings.model_dir)
+        if registry.names():
+            labels = registry.get(model, version).labels
+            if label not in labels:
+                shown = ", ".join(labels[:20]) + (", ..." if len(labels) > 20 else "")
+                raise InvalidLabelError(
+                    f"label {excerpt(label)} is not one of {model}@{version}'s labels "
+                    f"({shown}): give the job's true class as the model names it"
+                )
+        keys = [rkey, jkey, feedback_key(job_id), feedback_counts_key(model, version)]
+        field = f"{label}\t{predicted}"
+        args: list[Any] = [self.settings.result_ttl_s, label, field, model, version, predicted]
+        # Not retried: a second run after a lost reply would read the first as "given".
+        with self._redis_errors():
+            code, detail = self._feedback(keys=keys, args=args)
+        code = code.decode() if isinstance(code, bytes) else str(code)
+        detail = detail.decode("utf-8", "replace") if isinstance(detail, bytes) else str(detail)
+        if code == "unknown":
+            raise _unanswered(job_id, False)
+        if code == "unanswered":
+            raise _unanswered(job_id, True)
+        if code == "status":
+            raise _no_prediction(job_id, detail, None)
+        if code == "given":
+            raise FeedbackGivenError(
+                f"job {job_id} already has its feedback (label {excerpt(detail)}); one feedback "
+                "a job, and the first stands"
+            )
+        if code != "ok":  # its result changed between the two reads: it expired and came back
+            raise FeedbackError(f"job {job_id}'s result changed while its feedback was "
+                                "recorded; nothing was counted: give it again")  # fmt: skip
+        return {"job_id": job_id, "model": model, "version": version, "label": label,
+                "predicted": predicted, "correct": label == predicted}  # fmt: skip
 
     def enqueue(self, jobs: Sequence[Job], records: Mapping[str, str] | None = None) -> None:
         """Push already checked jobs, ``chunk_size`` to a message, in one LPUSH (all or none).
@@ -399,6 +495,38 @@ class Client:
             raise
 
 
+def check_label(value: Any) -> str:
+    """``value`` if it can be a feedback label: printable text (no tab, no newline) of 1 to
+    :data:`MAX_LABEL_CHARS` characters; :class:`~producer.errors.InvalidLabelError` if not."""
+    if not isinstance(value, str) or not 0 < len(value) <= MAX_LABEL_CHARS:
+        raise InvalidLabelError(
+            f"label {excerpt(value)} is not a label: text of 1 to {MAX_LABEL_CHARS} characters"
+        )
+    if not value.isprintable():
+        raise InvalidLabelError(
+            f"label {excerpt(value)} holds a tab, a newline or another "
+            "control character: give the class's name as the model has it"
+        )
+    return value
+
+
+def _unanswered(job_id: str, known: bool) -> BatcheryError:
+    if not known:
+        return JobNotFoundError(
+            f"no job {job_id}: never submitted, or its result expired (BATCHERY_RESULT_TTL)"
+        )
+    return JobNotAnsweredError(
+        f"job {job_id} is not answered yet: give its feedback once it has a result"
+    )
+
+
+def _no_prediction(job_id: str, status: str, error: Any) -> NoPredictionError:
+    why = f": {error}" if isinstance(error, str) and error else ""
+    return NoPredictionError(
+        f"job {job_id} was answered {status}{why}; it has no prediction to give feedback on"
+    )
+
+
 T = TypeVar("T")
 
 # KEYS: the stats hash, the webhook stream, then a result key per job. ARGV: ttl, the result
@@ -425,6 +553,35 @@ for i = 3, #KEYS do
 end
 if n > 0 then redis.call('HINCRBY', KEYS[1], 'cancelled', n) end
 return flags
+"""
+
+
+# KEYS: the job's result, its record, its feedback, its version's feedback counts. ARGV: the
+# feedback's TTL, the true label, the counts field ("<true>\t<predicted>"), and the model,
+# version and predicted label the caller read in the result. Re-reads the result, so what
+# is counted is what is stored now: {"ok", ""}, or a refusal: {"unknown", ""} (no result,
+# no record), {"unanswered", ""}, {"status", <status>} (no SUCCESS), {"given", <the label
+# already given>}, {"changed", ""} (not the result the caller read).
+_FEEDBACK = """
+local raw = redis.call('GET', KEYS[1])
+if not raw then
+  if redis.call('EXISTS', KEYS[2]) == 1 then return {'unanswered', ''} end
+  return {'unknown', ''}
+end
+local ok, meta = pcall(cjson.decode, raw)
+local result = ok and type(meta) == 'table' and meta['result']
+if type(result) ~= 'table' then return {'changed', ''} end
+local status = result['status'] or meta['status']
+if status == 'PENDING' then return {'unanswered', ''} end
+if status ~= 'SUCCESS' then return {'status', tostring(status)} end
+if result['model'] ~= ARGV[4] or result['version'] ~= ARGV[5] or result['label'] ~= ARGV[6] then
+  return {'changed', ''}
+end
+if not redis.call('SET', KEYS[3], ARGV[2], 'EX', tonumber(ARGV[1]), 'NX') then
+  return {'given', redis.call('GET', KEYS[3]) or ''}
+end
+redis.call('HINCRBY', KEYS[4], ARGV[3], 1)
+return {'ok', ''}
 """
 
 

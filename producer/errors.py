@@ -68,3 +68,27 @@ class ReplicaAckError(BatcheryError):
 
 class QueueFullError(BatcheryError):
     """The queue is at BATCHERY_MAX_QUEUE, or Redis is out of memory: nothing was enqueued."""
+
+
+class JobNotFoundError(BatcheryError):
+    """A job id Redis knows nothing of: never submitted, or its result and record expired."""
+
+
+class FeedbackError(BatcheryError):
+    """Feedback (``Client.feedback``) that cannot be recorded: see the subclasses."""
+
+
+class JobNotAnsweredError(FeedbackError):
+    """Feedback on a job not answered yet: there is no prediction to judge (an HTTP 409)."""
+
+
+class NoPredictionError(FeedbackError):
+    """Feedback on a job answered without a prediction: FAILURE, EXPIRED or CANCELLED (409)."""
+
+
+class FeedbackGivenError(FeedbackError):
+    """A job's feedback was already given: one feedback a job (an HTTP 409)."""
+
+
+class InvalidLabelError(FeedbackError):
+    """A feedback label that is not a label, or not one of the model version's (an HTTP 400)."""
