@@ -8,6 +8,7 @@ import sys
 from dataclasses import replace
 from pathlib import Path
 
+from batchery import rollouts
 from producer.errors import BatcheryError, ConfigError
 from producer.registry import PROMOTED_FILE, ModelInfo, Registry
 from producer.settings import Settings
@@ -198,6 +199,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.add_argument("name", metavar="NAME")
     p.add_argument("version", nargs="?", metavar="VERSION", help="one version (default: all)")
+    rollouts.add_parsers(msub)
     p = msub.add_parser("evaluate", help="accuracy and confusion matrix on DATA_DIR/<label>/*")
     p.add_argument("model", metavar="NAME[@VERSION]")
     p.add_argument("data_dir", type=Path, metavar="DATA_DIR")
@@ -455,6 +457,11 @@ def _models(args: argparse.Namespace, settings: Settings) -> int:
     from producer.registry import Registry
 
     action = args.models_command
+    if action in ("shadow", "canary", "history"):
+        from producer.client import Client
+
+        with Client(settings=settings) as client:
+            return rollouts.run(args, settings, client.redis)
     # Signs what it writes (and checks what it reads) when message signing is set up;
     # listing shows what is there, signed or not.
     registry = (

@@ -10,60 +10,46 @@ from typing import Any
 
 import redis
 
-from producer.monitoring import (
-    Profile,
-    baseline_of,
-    drift,
-    read_accuracy,
-    read_window,
-)
+from producer.monitoring import MIN_JOBS, VersionReport, reports
 from producer.registry import Registry
 from producer.settings import Settings
 
 
-def version_report(
-    client: redis.Redis, registry: Registry, settings: Settings, name: str, version: str
-) -> dict[str, Any]:
-    """One version's monitoring, JSON-ready."""
-    info = registry.get(name, version)
-    window_jobs = settings.monitor_window_jobs
-    live = read_window(client, name, version, window_jobs)
-    recorded = registry.baseline(name, version)
-    meta = {**info.meta, **({"baseline": recorded} if recorded else {})}
-    baseline, source = baseline_of(client, meta, name, version, window_jobs)
-    drifts = drift(baseline, live, settings.drift_threshold) if baseline and live.jobs else []
-    enough = live.jobs >= min(window_jobs, MIN_JOBS)
-    accuracy = read_accuracy(client, name, version)
-    low = live.low_confidence(settings.low_confidence)
+def as_json(found: VersionReport) -> dict[str, Any]:
+    """One version's report, JSON-ready (``batchery monitor --json``)."""
+    live, baseline, accuracy = found.live, found.baseline, found.accuracy
+    compared, agreed = live.counts.get("compared", 0), live.counts.get("agree", 0)
+    worked = live.jobs + live.counts.get("err", 0)
     return {
-        "model": name,
-        "version": version,
-        "promoted": registry.promoted(name) == version,
+        "model": found.model,
+        "version": found.version,
+        "promoted": found.promoted,
         "jobs": live.jobs,
         "errors": live.counts.get("err", 0),
         "since": live.since,
-        "low_confidence": low,
-        "low_confidence_under": settings.low_confidence,
+        "low_confidence": found.low_confidence,
+        "low_confidence_under": None,
         "class_mix": _shares(live.distribution("c"), live.jobs),
+        # A shadow's or canary's answers compared with the served version's on the same jobs.
+        "agreement": {"compared": compared, "rate": agreed / compared if compared else None},
+        "ms_per_job": live.counts.get("us", 0) / worked / 1000 if worked else None,
         "baseline": {
-            "source": source,
+            "source": found.baseline_source,
             "jobs": baseline.jobs if baseline else 0,
             "class_mix": _shares(baseline.distribution("c"), baseline.jobs) if baseline else {},
-            "low_confidence": baseline.low_confidence(settings.low_confidence)
-            if baseline
-            else None,
+            "low_confidence": None,
         },
         "drift": [
             {
                 "distribution": d.name,
                 "distance": round(d.distance, 4),
                 "threshold": d.threshold,
-                "flagged": d.flagged and enough,
+                "flagged": d.flagged and found.enough_jobs,
             }
-            for d in drifts
+            for d in found.drifts
         ],
-        "drifted": enough and any(d.flagged for d in drifts),
-        "enough_jobs": enough,
+        "drifted": found.drifted,
+        "enough_jobs": found.enough_jobs,
         "accuracy": {
             "jobs": accuracy.jobs,
             "rate": accuracy.rate,
@@ -73,23 +59,20 @@ def version_report(
     }
 
 
-#: Fewest jobs in a window before drift is flagged: below it, sampling noise alone moves the
-#: distances (shown, not flagged).
-MIN_JOBS = 200
-
-
 def collect(
     client: redis.Redis, registry: Registry, settings: Settings, name: str | None = None
 ) -> list[dict[str, Any]]:
-    """A report for each version of each model (or of ``name``) that served jobs within the
-    look-back, and each promoted one."""
+    """``batchery monitor``'s rows: each version that answered jobs in the look-back, and
+    each promoted one (producer.monitoring.reports)."""
     rows = []
-    for model in [name] if name else registry.names():
-        promoted = registry.promoted(model)
-        for version in registry.versions(model):
-            live = read_window(client, model, version, 1)
-            if live.jobs or version == promoted:
-                rows.append(version_report(client, registry, settings, model, version))
+    for found in reports(client, registry, settings, name):
+        row = as_json(found)
+        row["low_confidence_under"] = settings.low_confidence
+        if found.baseline is not None:
+            row["baseline"]["low_confidence"] = found.baseline.low_confidence(
+                settings.low_confidence
+            )
+        rows.append(row)
     return rows
 
 
@@ -110,6 +93,12 @@ def render(rows: list[dict[str, Any]]) -> str:
         out.append(
             f"  baseline: {base['source']}" + (f", {base['jobs']} jobs" if base["jobs"] else "")
         )
+        agreement = row["agreement"]
+        if agreement["compared"]:
+            out.append(f"  agreement with the served version {agreement['rate']:.1%} of "
+                       f"{agreement['compared']} jobs")  # fmt: skip
+        if row["ms_per_job"] is not None:
+            out.append(f"  work {row['ms_per_job']:.3f} ms a job (decode, forward pass)")
         if row["class_mix"]:
             mix = "  ".join(f"{k} {v:.0%}" for k, v in sorted(row["class_mix"].items()))
             out.append(f"  class mix: {mix}")
@@ -136,4 +125,4 @@ def _shares(counts: dict[str, int], total: int) -> dict[str, float]:
     return {k: v / total for k, v in counts.items()} if total else {}
 
 
-__all__ = ["MIN_JOBS", "Profile", "collect", "render", "version_report"]
+__all__ = ["MIN_JOBS", "as_json", "collect", "render"]

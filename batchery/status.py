@@ -1,4 +1,5 @@
-"""``batchery status``: what the queue and its workers are doing, read from Redis alone."""
+"""``batchery status``: what the queue and its workers are doing, read from Redis (and the
+registry's rollouts, where the registry is visible)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,9 @@ import time
 from typing import Any, TextIO
 
 from producer.client import Client
+from producer.errors import BatcheryError
 from producer.ledger import backlog_jobs
+from producer.registry import Registry
 from producer.settings import redact_url
 from producer.stopping import stop_on_signals
 from producer.wire import (
@@ -20,6 +23,7 @@ from producer.wire import (
     WEBHOOK_STREAM,
     backlog_key,
     queue_key,
+    rollout_stopped_key,
 )
 
 
@@ -67,7 +71,29 @@ def collect(client: Client) -> dict[str, Any]:
         "webhooks_pending": hooks,
         "webhooks_delivered": int(stats.get("webhooks_delivered", 0)),
         "webhooks_failed": int(stats.get("webhooks_failed", 0)),
+        "canary_promoted": int(stats.get("canary_promoted", 0)),
+        "canary_rolled_back": int(stats.get("canary_rolled_back", 0)),
+        "rollouts": rollouts(client),
     }
+
+
+def rollouts(client: Client) -> dict[str, dict[str, Any]]:
+    """Each model's shadow and canary (as the registry holds them; a canary stopped by the
+    switch in Redis says so). Unreadable ones are shown with the reason."""
+    registry = Registry.from_settings(client.settings)
+    found: dict[str, dict[str, Any]] = {}
+    for name in registry.names():
+        try:
+            rollout = registry.rollout(name)
+        except (BatcheryError, OSError, ValueError) as exc:
+            found[name] = {"error": str(exc)}
+            continue
+        if rollout:
+            stopped = client.redis.get(rollout_stopped_key(name))
+            canary = rollout.get("canary")
+            stop = bool(canary) and stopped in (str(canary), str(canary).encode())
+            found[name] = {**rollout, "canary_stopped": stop}
+    return found
 
 
 def render(status: dict[str, Any]) -> str:
@@ -91,6 +117,20 @@ def render(status: dict[str, Any]) -> str:
         f"webhooks       {status['webhooks_pending']} to deliver, "
         f"{status['webhooks_delivered']} delivered, {status['webhooks_failed']} given up",
     ]
+    if status.get("rollouts") or status.get("canary_promoted") or status.get("canary_rolled_back"):
+        lines.append(f"canaries       {status['canary_promoted']} promoted, "
+                     f"{status['canary_rolled_back']} rolled back")  # fmt: skip
+    for name, r in status.get("rollouts", {}).items():
+        if "error" in r:
+            lines.append(f"rollout        {name}: ignored ({r['error']})")
+            continue
+        if r.get("shadow"):
+            lines.append(f"rollout        {name}: shadow {name}@{r['shadow']} on "
+                         f"{r['shadow_percent']:g}% of jobs")  # fmt: skip
+        if r.get("canary"):
+            state = "stopped (rolled back)" if r["canary_stopped"] else "answering"
+            lines.append(f"rollout        {name}: canary {name}@{r['canary']} on "
+                         f"{r['canary_percent']:g}% of jobs, {state}")  # fmt: skip
     if "jobs_per_s" in status:
         lines.append(
             f"rate           {status['jobs_per_s']:.0f} jobs/s, "

@@ -27,8 +27,7 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageFilter
 
-from batchery.monitor import MIN_JOBS
-from producer.monitoring import Profile, drift, observe
+from producer.monitoring import MIN_JOBS, Profile, drift, observe
 from producer.registry import Registry
 from producer.settings import Settings
 
@@ -141,8 +140,8 @@ def main(argv: list[str] | None = None) -> int:
     info = Registry(settings.model_dir).get(args.model, args.version)
     base_half, stream_half = halves()
     baseline = Profile()
-    for counts in per_image_counts(info, [png(p) for p in base_half]):
-        baseline.counts.update(counts)
+    for one in per_image_counts(info, [png(p) for p in base_half]):
+        baseline.counts.update(one)
     streams = {name: [png(np.asarray(shift(Image.fromarray(p)))) for p in stream_half]
                for name, shift in SHIFTS.items()}  # fmt: skip
     streams["other source (sklearn 8x8)"] = [png(p) for p in other_source(len(stream_half))]

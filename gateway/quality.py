@@ -16,7 +16,7 @@ answered jobs in the look-back, and each promoted one):
 - ``batchery_model_drift_threshold``: the distance over which a distribution is flagged
   (BATCHERY_DRIFT_THRESHOLD).
 - ``batchery_model_drifted``: 1 when a distribution is flagged and the window holds enough
-  jobs (:data:`MIN_JOBS`, as ``batchery monitor`` flags it), else 0.
+  jobs (``producer.monitoring.MIN_JOBS``, as ``batchery monitor`` flags it), else 0.
 - ``batchery_model_window_jobs``: jobs in the live window (newest minutes summed up to
   BATCHERY_MONITOR_WINDOW_JOBS).
 - ``batchery_model_low_confidence_ratio``: the window's share of jobs whose top-1 score is
@@ -42,8 +42,7 @@ import redis
 from prometheus_client import CollectorRegistry
 from prometheus_client.core import GaugeMetricFamily
 
-from producer.errors import BatcheryError
-from producer.monitoring import Drift, baseline_of, drift, read_accuracy, read_window
+from producer.monitoring import Drift, reports
 from producer.registry import Registry
 from producer.settings import Settings
 
@@ -51,9 +50,6 @@ log = logging.getLogger("batchery.gateway")
 
 #: Seconds between two reads of the figures.
 REFRESH_S = 30.0
-#: Fewest jobs in a window before drift is flagged (batchery.monitor.MIN_JOBS: below it,
-#: sampling noise alone moves the distances).
-MIN_JOBS = 200
 
 #: Every metric this module exports.
 EXPORTED = (
@@ -83,51 +79,23 @@ class VersionQuality:
 
 
 def read(client: redis.Redis, registry: Registry, settings: Settings) -> list[VersionQuality]:
-    """Each version's figures (synchronous: Redis and the registry); one version whose
-    manifest or baseline cannot be read is left out, and said so in the log."""
-    rows = []
-    for model in registry.names():
-        try:
-            promoted = registry.promoted(model)
-        except BatcheryError as exc:
-            log.warning("model quality: %s", exc)
-            promoted = None
-        for version in registry.versions(model):
-            try:
-                row = read_version(client, registry, settings, model, version, promoted)
-            except BatcheryError as exc:
-                log.warning("model quality of %s@%s not read: %s", model, version, exc)
-                continue
-            if row is not None:
-                rows.append(row)
-    return rows
-
-
-def read_version(client: redis.Redis, registry: Registry, settings: Settings, model: str,
-                 version: str, promoted: str | None) -> VersionQuality | None:  # fmt: skip
-    """``model@version``'s figures; None when it answered no job in the look-back and is not
-    the promoted one."""
-    window_jobs = settings.monitor_window_jobs
-    live = read_window(client, model, version, window_jobs)
-    if not live.jobs and version != promoted:
-        return None
-    recorded = registry.baseline(model, version)
-    meta = {**registry.get(model, version).meta, **({"baseline": recorded} if recorded else {})}
-    baseline, _ = baseline_of(client, meta, model, version, window_jobs)
-    drifts = drift(baseline, live, settings.drift_threshold) if baseline and live.jobs else []
-    enough = live.jobs >= min(window_jobs, MIN_JOBS)
-    accuracy = read_accuracy(client, model, version)
-    return VersionQuality(
-        model=model,
-        version=version,
-        window_jobs=live.jobs,
-        low_confidence=live.low_confidence(settings.low_confidence),
-        drifts=tuple(drifts),
-        threshold=settings.drift_threshold,
-        drifted=enough and any(d.flagged for d in drifts),
-        feedback_jobs=accuracy.jobs,
-        accuracy=accuracy.rate,
-    )
+    """Each version's figures (synchronous: Redis and the registry), from the reports
+    ``batchery monitor`` shows (producer.monitoring.reports: a version that cannot be read is
+    left out, and said so in the log)."""
+    return [
+        VersionQuality(
+            model=found.model,
+            version=found.version,
+            window_jobs=found.live.jobs,
+            low_confidence=found.low_confidence,
+            drifts=found.drifts,
+            threshold=found.threshold,
+            drifted=found.drifted,
+            feedback_jobs=found.accuracy.jobs,
+            accuracy=found.accuracy.rate,
+        )
+        for found in reports(client, registry, settings)
+    ]
 
 
 class QualityGauges:

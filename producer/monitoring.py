@@ -17,6 +17,7 @@ the two are measured alike. numpy only: no TensorFlow here.
 from __future__ import annotations
 
 import json
+import logging
 import math
 import time
 from collections import Counter
@@ -27,6 +28,9 @@ from typing import Any
 import numpy as np
 import redis
 
+from producer.errors import BatcheryError
+from producer.registry import Registry
+from producer.settings import Settings
 from producer.wire import (
     MONITOR_BUCKET_S,
     MONITOR_TTL_S,
@@ -34,6 +38,8 @@ from producer.wire import (
     live_baseline_key,
     monitor_key,
 )
+
+log = logging.getLogger(__name__)
 
 #: Top-1 score bins: finer near 1, where a good model's answers are.
 SCORE_EDGES = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99, 0.999, 0.9999)
@@ -235,9 +241,13 @@ def grouped(baseline: Mapping[str, int], live: Mapping[str, int], numeric: bool
         return dict(baseline), dict(pooled)
     total = sum(baseline.values()) or 1
     edges = sorted({int(k) for k in baseline} | {int(k) for k in live})
+    lowest = min((int(k) for k, v in baseline.items() if v), default=0)
     group_of: dict[int, int] = {}
     group, mass = 0, 0
     for b in edges:
+        if b < lowest:  # below all the baseline saw: a group of its own, never merged in
+            group_of[b] = -1
+            continue
         group_of[b] = group
         mass += baseline.get(str(b), 0)
         if mass >= total / GROUPS:
@@ -316,3 +326,75 @@ def read_accuracy(client: redis.Redis, model: str, version: str) -> Accuracy:
 
 def _text(raw: bytes | str) -> str:
     return raw.decode() if isinstance(raw, bytes) else raw
+
+
+#: Fewest jobs in a window before drift is flagged: below it, sampling noise alone moves the
+#: distances (shown, not flagged).
+MIN_JOBS = 200
+
+
+@dataclass(frozen=True)
+class VersionReport:
+    """One version's monitoring, as ``batchery monitor`` and the gateway's gauges show it."""
+
+    model: str
+    version: str
+    promoted: bool
+    live: Profile
+    baseline: Profile | None
+    baseline_source: str
+    drifts: tuple[Drift, ...]
+    threshold: float
+    enough_jobs: bool
+    accuracy: Accuracy
+    low_confidence: float | None
+
+    @property
+    def drifted(self) -> bool:
+        """A distribution flagged, on a window of enough jobs."""
+        return self.enough_jobs and any(d.flagged for d in self.drifts)
+
+
+def report(client: redis.Redis, registry: Registry, settings: Settings, model: str,
+           version: str, promoted: str | None = None) -> VersionReport:  # fmt: skip
+    """``model@version``'s live window against its baseline, and its feedback."""
+    window_jobs = settings.monitor_window_jobs
+    live = read_window(client, model, version, window_jobs)
+    recorded = registry.baseline(model, version)
+    meta = {**registry.get(model, version).meta, **({"baseline": recorded} if recorded else {})}
+    baseline, source = baseline_of(client, meta, model, version, window_jobs)
+    threshold = settings.drift_threshold
+    drifts = drift(baseline, live, threshold) if baseline and live.jobs else []
+    return VersionReport(
+        model=model, version=version, promoted=version == promoted, live=live,
+        baseline=baseline, baseline_source=source, drifts=tuple(drifts), threshold=threshold,
+        enough_jobs=live.jobs >= min(window_jobs, MIN_JOBS),
+        accuracy=read_accuracy(client, model, version),
+        low_confidence=live.low_confidence(settings.low_confidence),
+    )  # fmt: skip
+
+
+def reports(client: redis.Redis, registry: Registry, settings: Settings,
+            name: str | None = None) -> list[VersionReport]:  # fmt: skip
+    """A report for each version of each model (or of ``name``) that answered jobs in the
+    look-back, and each promoted one. A version that cannot be read (its manifest or baseline
+    does not verify) is left out and logged, unless ``name`` asks for it."""
+    found = []
+    for model in [name] if name else registry.names():
+        try:
+            promoted: str | None = registry.promoted(model)
+        except BatcheryError as exc:
+            if name:
+                raise
+            log.warning("monitoring: %s", exc)
+            promoted = None
+        for version in registry.versions(model):
+            if version != promoted and not read_window(client, model, version, 1).jobs:
+                continue
+            try:
+                found.append(report(client, registry, settings, model, version, promoted))
+            except BatcheryError as exc:
+                if name:
+                    raise
+                log.warning("monitoring of %s@%s not read: %s", model, version, exc)
+    return found

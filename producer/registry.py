@@ -27,6 +27,9 @@ META_FILE = "model.json"
 #: Beside ``model.json`` when the registry is signed: its signature (see producer.signing).
 SIGNATURE_FILE = "model.json.sig"
 PROMOTED_FILE = "PROMOTED"
+#: Beside ``PROMOTED``: the model's shadow and canary (producer.rollout), JSON on the first
+#: line and, when the registry is signed, its signature on the second.
+ROLLOUT_FILE = "ROLLOUT"
 #: Beside ``model.json``: the version's monitoring baseline (producer.monitoring), JSON on
 #: the first line and, when the registry is signed, its signature on the second. A file of
 #: its own, written atomically: recording a baseline never rewrites a manifest workers read.
@@ -255,6 +258,41 @@ class Registry:
             self.promote(name, self.promoted(name))
         return versions
 
+    def rollout(self, name: str) -> dict[str, Any] | None:
+        """``name``'s rollout settings, None if none; checked when verifying (a rollout
+        unsigned on a signed registry raises, and workers then serve without it)."""
+        file = self.root / name / ROLLOUT_FILE
+        if not file.is_file():
+            return None
+        raw, _, signature = file.read_text().partition("\n")
+        if self.verifier is not None:
+            self.verifier.verify(_rollout_context(name), raw.encode(), signature.strip() or None,
+                                 f"{name}/{ROLLOUT_FILE}")  # fmt: skip
+        found: dict[str, Any] = json.loads(raw)
+        return found or None
+
+    def set_rollout(self, name: str, rollout: dict[str, Any] | None) -> None:
+        """Write (or, with None, end) ``name``'s rollout; its versions must verify. Signed
+        when keyed; refused on a signed registry without the key."""
+        if self.verifier is not None and self.key is None:
+            from producer.errors import ConfigError
+
+            raise ConfigError(
+                "this registry is signed: a canary or shadow needs BATCHERY_SIGNING_KEY and "
+                "_CERT, like promote (rolling back does not: batchery models canary NAME --off "
+                "on a host without the key sets the switch in Redis)"
+            )
+        for field_name in ("shadow", "canary"):
+            version = (rollout or {}).get(field_name)
+            if version is not None:
+                self.get(name, str(version))  # unknown or unverified: raises
+        raw = json.dumps(rollout or {}, sort_keys=True)
+        content = raw + "\n"
+        if self.key is not None:
+            content += self.key.sign(_rollout_context(name), raw.encode()) + "\n"
+        (self.root / name).mkdir(parents=True, exist_ok=True)
+        _write_atomically(self.root / name / ROLLOUT_FILE, content.encode())
+
     def record_baseline(self, name: str, version: str, baseline: dict[str, Any]) -> None:
         """Keep ``baseline`` beside ``name@version``'s manifest (signed when keyed)."""
         info = self.get(name, version)
@@ -401,6 +439,10 @@ def _write_atomically(path: Path, data: bytes) -> None:
 
 def _meta_context(name: str, version: str) -> str:
     return f"{name}/{version}/{META_FILE}"
+
+
+def _rollout_context(name: str) -> str:
+    return f"{name}/{ROLLOUT_FILE}"
 
 
 def _baseline_context(name: str, version: str) -> str:

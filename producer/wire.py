@@ -181,6 +181,24 @@ def live_baseline_key(model: str, version: str) -> str:
     return f"{MONITOR_KEY_PREFIX}baseline:{model}@{version}"
 
 
+def rollout_stopped_key(model: str) -> str:
+    """The canary version of ``model`` that must no longer answer (unsigned: it can only send
+    jobs back to the signed served version; see producer.rollout)."""
+    return f"batchery:rollout:stopped:{model}"
+
+
+def rollout_start_key(model: str) -> str:
+    """The canary version's monitoring counts when its canary started (JSON), taken off
+    what its guardrails judge: counts of the same minutes from before (a shadow, jobs that
+    named it) are not the canary's."""
+    return f"batchery:rollout:start:{model}"
+
+
+def rollout_history_key(model: str) -> str:
+    """``model``'s rollout decisions, newest first (a capped list of JSON objects)."""
+    return f"batchery:rollout:history:{model}"
+
+
 def feedback_key(job_id: str) -> str:
     """A job's true label, as its feedback gave it (one feedback a job)."""
     return f"{FEEDBACK_KEY_PREFIX}{job_id}"

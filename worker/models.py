@@ -20,6 +20,7 @@ import numpy as np
 
 from producer.errors import BatchContractError, BatcheryError, ModelLoadError
 from producer.registry import ModelInfo, Registry, sha256_of
+from producer.rollout import Rollout
 from worker.tf import tensorflow
 
 log = logging.getLogger(__name__)
@@ -233,6 +234,7 @@ class ModelCache:
         self._pinned = pinned
         self._loaded: OrderedDict[str, LoadedModel] = OrderedDict()
         self._promoted: dict[str, str] = {}
+        self._rollouts: dict[str, Rollout | None] = {}
         self._lock = threading.RLock()
         #: Versions loaded so far: a batch that loaded one ran cold (see worker.budget).
         self.loads = 0
@@ -263,6 +265,27 @@ class ModelCache:
                 self._loaded.move_to_end(key)
                 return loaded
         return self._ensure_loaded(self.resolve(name, version))
+
+    def rollout(self, name: str) -> Rollout | None:
+        """``name``'s shadow or canary (producer.rollout), as last read from the registry:
+        on first use, then by :meth:`refresh`. One that does not verify is ignored."""
+        with self._lock:
+            if name in self._rollouts:
+                return self._rollouts[name]
+        found = self._read_rollout(name)
+        with self._lock:
+            self._rollouts[name] = found
+        return found
+
+    def _read_rollout(self, name: str) -> Rollout | None:
+        if self._pinned is not None:
+            return None
+        try:
+            raw = self.registry.rollout(name)
+        except (BatcheryError, OSError, ValueError) as exc:
+            log.error("%s: rollout ignored: %s", name, exc)
+            return None
+        return Rollout.from_json({**raw, "model": name}) if raw else None
 
     def loaded_keys(self) -> list[str]:
         """``name@version`` of the models in memory, least recently used first."""
@@ -296,6 +319,13 @@ class ModelCache:
             return
         with self._lock:
             current = dict(self._promoted)
+            rolling = list(self._rollouts)
+        for name in rolling:
+            found = self._read_rollout(name)
+            with self._lock:
+                if self._rollouts.get(name) != found:
+                    log.info("%s: rollout now %s", name, found)
+                self._rollouts[name] = found
         for name, version in current.items():
             try:
                 promoted = self.registry.promoted(name)

@@ -25,6 +25,7 @@ from producer.images import image_header, read_shared
 from producer.ledger import Ledger, settle, settle_part
 from producer.monitoring import add_counts
 from producer.monitoring import observe as observe_batch
+from producer.rollout import Rollout, agreement_counts, picked
 from producer.settings import Settings
 from producer.signing import Signer
 from producer.wire import (
@@ -49,6 +50,7 @@ from producer.wire import (
     new_job_id,
     read_jobs,
     result_key,
+    rollout_stopped_key,
 )
 from worker import explain as worker_explain
 from worker import preprocess
@@ -314,8 +316,50 @@ class BatchRunner:
             def compute(part: Sequence[Job], model: LoadedModel = model) -> list[JobResult]:
                 return self._classify_with(model, part)
 
-            by_id.update((r.job_id, r) for r in answer_each(group, compute))
+            answers = answer_each(group, compute)
+            rollout = self.models.rollout(model.info.name) if version is None else None
+            if rollout is not None:  # a job that names a version is never rerouted
+                answers = self._roll_out(rollout, model, group, answers)
+            by_id.update((r.job_id, r) for r in answers)
         return [by_id[job.id] for job in jobs]
+
+    def _roll_out(
+        self, rollout: Rollout, served: LoadedModel, jobs: Sequence[Job], answers: list[JobResult]
+    ) -> list[JobResult]:
+        """The shadow runs on its share of ``jobs`` (its answers kept from everyone); the
+        canary answers its share, unless stopped. Both counted against the served answers."""
+        name = served.info.name
+        by_id = {answer.job_id: answer for answer in answers}
+        shadow = [job for job in jobs if picked(job.id, rollout.shadow_percent, "shadow")]
+        if rollout.shadow and rollout.shadow != served.info.version and shadow:
+            self._candidate(name, rollout.shadow, shadow, by_id)
+        canary = [job for job in jobs if picked(job.id, rollout.canary_percent, "canary")]
+        on = bool(rollout.canary and rollout.canary != served.info.version and canary)
+        # The unsigned switch in Redis: read only while a canary is on.
+        if on and self.redis.get(rollout_stopped_key(name)) != str(rollout.canary).encode():
+            by_id.update(self._candidate(name, str(rollout.canary), canary, by_id))
+        return [by_id[answer.job_id] for answer in answers]
+
+    def _candidate(
+        self, name: str, version: str, jobs: Sequence[Job], served: dict[str, JobResult]
+    ) -> dict[str, JobResult]:
+        """``name@version``'s answers to ``jobs`` (their agreement with ``served`` counted in
+        its monitoring); a version that can't load leaves the served answers alone."""
+        try:
+            model = self.models.get(name, version)
+        except Exception as exc:  # a candidate must never cost a job
+            log.error("%s@%s not run: %s", excerpt(name), excerpt(version), exc)
+            return {}
+
+        def compute(part: Sequence[Job]) -> list[JobResult]:
+            return self._classify_with(model, part)
+
+        answers = {r.job_id: r for r in answer_each(jobs, compute)}
+        if self.settings.monitor:
+            counts = self.monitored.setdefault((name, model.info.version), Counter())
+            counts.update(agreement_counts([answers[j.id].label for j in jobs],
+                                           [served[j.id].label for j in jobs]))  # fmt: skip
+        return answers
 
     def _classify_with(self, model: LoadedModel, jobs: Sequence[Job]) -> list[JobResult]:
         """Decode each job (a bad image fails alone), then one forward pass for the rest.
@@ -323,6 +367,7 @@ class BatchRunner:
         Anything else that raises is :func:`answer_each`'s to sort out.
         """
         info = model.info
+        began = time.perf_counter()
         inputs: list[np.ndarray] = []
         headers: list[tuple[str, int, int] | None] = []
         ready: list[Job] = []
@@ -356,6 +401,8 @@ class BatchRunner:
                                             np.array([a.score or 0.0 for a in answers]),
                                             headers))  # fmt: skip
             results.extend(explain(model, ready, normalized, answers))
+        if counts is not None:  # microseconds of this version's work, for its latency
+            counts["us"] += int((time.perf_counter() - began) * 1e6)
         by_id = {result.job_id: result for result in results}
         return [by_id[job.id] for job in jobs]
 
