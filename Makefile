@@ -27,8 +27,12 @@ UV_COMPILE := $(BIN)/uv pip compile pyproject.toml --generate-hashes --python-ve
 	--python-platform x86_64-unknown-linux-gnu --quiet
 
 ## lock: refresh requirements/*.txt from pyproject.toml (newest versions it allows)
+# One lock an image (Dockerfile): worker.txt first; lite.txt and gateway.txt are held to its
+# versions (-c), so the three images run the same celery, kombu, numpy, protobuf...
 lock: $(VENV)/.dev
 	$(UV_COMPILE) --upgrade --extra worker --extra gateway --extra signing -o requirements/worker.txt
+	$(UV_COMPILE) --upgrade --extra lite --extra signing -c requirements/worker.txt -o requirements/lite.txt
+	$(UV_COMPILE) --upgrade --extra gateway --extra signing -c requirements/worker.txt -o requirements/gateway.txt
 	$(UV_COMPILE) --upgrade --extra dev -o requirements/dev.txt
 
 ## demo: classify examples/digits through Redis and a real worker; prints the accuracy
