@@ -43,6 +43,11 @@ def _parser() -> argparse.ArgumentParser:
         "--metrics-port", type=int, help="serve Prometheus metrics on this port (off by default)"
     )
     p.add_argument("--log-format", choices=["text", "json"], help="log lines as text or JSON")
+    p.add_argument(
+        "--kind", choices=["auto", "full", "lite"],
+        help="full: TensorFlow, every format; lite: LiteRT versions only, no TensorFlow; auto "
+        "(default, BATCHERY_WORKER_KIND): full where TensorFlow is installed",
+    )  # fmt: skip
     p.add_argument("--loglevel", default="INFO")
 
     p = sub.add_parser("submit", help="enqueue images; print one job id per line")
@@ -324,6 +329,7 @@ def _worker(args: argparse.Namespace, settings: Settings) -> int:
         "model_path": args.model,
         "metrics_port": args.metrics_port,
         "log_format": args.log_format,
+        "worker_kind": args.kind,
     }
     settings = replace(settings, **{k: v for k, v in overrides.items() if v is not None})
     from worker.app import run_worker

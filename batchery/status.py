@@ -17,11 +17,13 @@ from producer.stopping import stop_on_signals
 from producer.wire import (
     DEAD_LETTER_KEY,
     HEARTBEAT_PREFIX,
+    LANES,
     PRIORITIES,
     STATS_KEY,
     UNACKED_KEY,
     WEBHOOK_STREAM,
     backlog_key,
+    heartbeat_key,
     queue_key,
     rollout_stopped_key,
 )
@@ -39,9 +41,13 @@ def collect(client: Client) -> dict[str, Any]:
         key.decode()[len(HEARTBEAT_PREFIX) :]
         for key in r.scan_iter(match=f"{HEARTBEAT_PREFIX}*", count=1000)
     )
+    # Each heartbeat holds its worker's kind (``full``, ``lite``; "1" before kinds: full).
+    kinds = [k.decode() if isinstance(k, bytes) else k
+             for k in (r.mget([heartbeat_key(w) for w in workers]) if workers else [])]  # fmt: skip
     with r.pipeline(transaction=False) as pipe:
-        for priority in PRIORITIES:
-            pipe.llen(queue_key(client.settings.queue, priority))
+        for lane in LANES:
+            for priority in PRIORITIES:
+                pipe.llen(queue_key(client.settings.queue, priority, lane))
         pipe.hlen(UNACKED_KEY)
         pipe.hgetall(STATS_KEY)
         pipe.llen(DEAD_LETTER_KEY)
@@ -49,7 +55,8 @@ def collect(client: Client) -> dict[str, Any]:
         pipe.get(backlog_key(client.settings.queue))
         *depths, in_flight, stats, dead, hooks, backlog = pipe.execute()
     stats = {k.decode(): v.decode() for k, v in stats.items()}
-    by_priority = dict(zip(PRIORITIES, (int(d) for d in depths), strict=True))
+    per_list = [int(d) for d in depths]
+    by_priority = {p: sum(per_list[i :: len(PRIORITIES)]) for i, p in enumerate(PRIORITIES)}
     return {
         "redis": redact_url(client.settings.redis_url),
         "queue": client.settings.queue,
@@ -59,6 +66,10 @@ def collect(client: Client) -> dict[str, Any]:
         "backlog_jobs": backlog_jobs(backlog),
         "workers_alive": len(workers),
         "workers": workers,
+        "worker_kinds": {
+            "full": sum(k is not None and k != "lite" for k in kinds),
+            "lite": sum(k == "lite" for k in kinds),
+        },
         "done": int(stats.get("done", 0)),
         "failed": int(stats.get("failed", 0)),
         "batches": int(stats.get("batches", 0)),
@@ -106,6 +117,12 @@ def render(status: dict[str, Any]) -> str:
         f"backlog        {status['backlog_jobs']} jobs not answered yet (waiting, buffered, "
         "running)",
         f"workers alive  {status['workers_alive']}"
+        + (
+            f" ({status['worker_kinds']['full']} TensorFlow: every format, "
+            f"{status['worker_kinds']['lite']} lite: LiteRT only)"
+            if status.get("worker_kinds", {}).get("lite")
+            else ""
+        )
         + (f" ({', '.join(status['workers'])})" if status["workers"] else ""),
         f"jobs           {status['done']} done, {status['failed']} failed, "
         f"{status['cancelled']} cancelled, {status['expired']} expired, "

@@ -55,6 +55,7 @@ from producer.errors import (
     InvalidLabelError,
     JobNotFoundError,
     ModelNotFoundError,
+    NoWorkerError,
     QueueFullError,
     RedisUnavailableError,
     ReplicaAckError,
@@ -157,6 +158,8 @@ def refusal(exc: BaseException) -> HTTPException:
         return HTTPException(429, text, {"Retry-After": "1"})
     if isinstance(exc, (RedisUnavailableError, ReplicaAckError)):
         return HTTPException(503, text, {"Retry-After": "1"})
+    if isinstance(exc, NoWorkerError):
+        return HTTPException(503, text, {"Retry-After": "5"})
     if isinstance(exc, JobNotFoundError):
         return HTTPException(404, text)
     if isinstance(exc, FeedbackError) and not isinstance(exc, InvalidLabelError):
@@ -391,13 +394,22 @@ async def _feedback_label(request: Request) -> str:
 
 
 async def list_models(request: Request) -> Response:
-    """``GET /v1/models``: the registry, as ``batchery models list --json``."""
+    """``GET /v1/models``: the registry, as ``batchery models list --json``, each version with
+    the live workers that can serve it, by kind (``workers``: ``full``, ``lite``)."""
     gw: Gateway = request.app.state.gateway
     await gw.authorize(request)
     try:
         rows = await run_in_threadpool(Registry(gw.settings.model_dir).rows)
     except BatcheryError as exc:
         raise HTTPException(500, str(exc)) from exc
+    # Which live workers can serve each version: TensorFlow ("full") workers every format,
+    # lite ones LiteRT versions only (each heartbeat holds its worker's kind).
+    keys = [key async for key in gw.redis.scan_iter(f"{HEARTBEAT_PREFIX}*", count=1000)]
+    kinds = [k.decode() if isinstance(k, bytes) else k
+             for k in (await gw.redis.mget(keys) if keys else []) if k]  # fmt: skip
+    full, lite = sum(k != "lite" for k in kinds), sum(k == "lite" for k in kinds)
+    for row in rows:
+        row["workers"] = {"full": full, "lite": lite if row.get("format") == "litert" else 0}
     return JSONResponse(rows)
 
 

@@ -22,6 +22,7 @@ from producer.errors import (
     JobNotAnsweredError,
     JobNotFoundError,
     NoPredictionError,
+    NoWorkerError,
     QueueFullError,
     RedisUnavailableError,
     ResultTimeoutError,
@@ -35,6 +36,7 @@ from producer.signing import Signer
 from producer.waiting import Waiter
 from producer.webhooks import WebhookPolicy
 from producer.wire import (
+    HEARTBEAT_PREFIX,
     JOB_KEY_PREFIX,
     PENDING,
     RESULT_KEY_PREFIX,
@@ -58,6 +60,7 @@ from producer.wire import (
     feedback_counts_key,
     feedback_key,
     job_key,
+    lane_of_format,
     new_job_ids,
     pending_result,
     result_key,
@@ -69,6 +72,8 @@ MAX_CONNECTIONS = 2048
 #: command of at most 512 MB, and cuts the connection on a bigger one (which reads like an
 #: outage); and the producer would hold it all, twice, meanwhile.
 MAX_PUSH_BYTES = 256 * 1024 * 1024
+#: Seconds a client reuses a model version's lane, and the kinds of the workers alive.
+LANE_CACHE_S = 2.0
 #: Longest label feedback may carry (``Client.feedback``).
 MAX_LABEL_CHARS = 128
 
@@ -103,6 +108,9 @@ class Client:
         #: How this client waits for results (``producer.waiting``): shared by ``result``,
         #: ``results`` and ``classify``.
         self.waiter = Waiter(self)
+        self._lanes: dict[tuple[str | None, str | None], tuple[str, float]] = {}
+        self._kinds: set[str] = set()
+        self._kinds_at = -LANE_CACHE_S
 
     def submit(
         self,
@@ -186,9 +194,51 @@ class Client:
         Refuses, before anything is enqueued, what a worker would refuse.
         """
         self.check_model(model, version)
+        lane = self.lane_of(model, version)
         deadline = check_deadline(deadline_s) or self.settings.default_deadline_s
         return Job("", b"", model, version, time.time(), notify, check_priority(priority),
-                   deadline, check_flag("explain", explain))  # fmt: skip
+                   deadline, check_flag("explain", explain), lane=lane)  # fmt: skip
+
+    def lane_of(self, model: str | None, version: str | None) -> str:
+        """The lane jobs for ``model@version`` travel in (``wire.LANES``): ``lite`` for a
+        LiteRT version, which a worker without TensorFlow can serve, else the main lane. The
+        main lane when the registry is not visible here (TensorFlow workers serve every
+        format). Refuses, before enqueueing, a job no live worker can serve: workers are up
+        and every one of them is lite. With no worker up (scaled to zero) jobs wait."""
+        key = (model, version)
+        now = time.monotonic()
+        cached = self._lanes.get(key)
+        if cached is not None and now - cached[1] < LANE_CACHE_S:
+            lane = cached[0]
+        else:
+            registry = Registry(self.settings.model_dir)
+            lane = ""
+            if registry.names():
+                info = registry.get(model or self.settings.default_model, version)
+                lane = lane_of_format(info.format)
+            self._lanes[key] = (lane, now)
+        if lane == "" and self._only_lite_workers():
+            name = model or self.settings.default_model
+            raise NoWorkerError(
+                f"no live worker can serve {name}@{version or 'promoted'} (not a LiteRT version): "
+                "every worker up is a lite one; start a TensorFlow worker (batchery worker "
+                "--kind full), or name a LiteRT version"
+            )
+        return lane
+
+    def _only_lite_workers(self) -> bool:
+        now = time.monotonic()
+        if now - self._kinds_at >= LANE_CACHE_S:
+
+            def read() -> list[Any]:
+                keys = list(self._redis.scan_iter(match=f"{HEARTBEAT_PREFIX}*", count=1000))
+                return self._redis.mget(keys) if keys else []
+
+            kinds = self.retrying(read)
+            # A worker from before kinds wrote "1": a TensorFlow one.
+            self._kinds = {(k.decode() if isinstance(k, bytes) else str(k)) for k in kinds if k}
+            self._kinds_at = now
+        return bool(self._kinds) and self._kinds <= {"lite"}
 
     def cancel(self, job_id: str) -> bool:
         """Withdraw a job: True if it is now CANCELLED, False if it was already answered.

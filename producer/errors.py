@@ -92,3 +92,8 @@ class FeedbackGivenError(FeedbackError):
 
 class InvalidLabelError(FeedbackError):
     """A feedback label that is not a label, or not one of the model version's (an HTTP 400)."""
+
+
+class NoWorkerError(BatcheryError):
+    """Workers are up but none can serve the job (every one is a lite, LiteRT-only worker):
+    nothing was enqueued (an HTTP 503)."""

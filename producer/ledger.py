@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Mapping, Sequence
+from itertools import product
 from typing import Any
 
 import redis
@@ -28,6 +29,7 @@ import redis
 from producer.connections import ReplicaAcks
 from producer.wire import (
     JOB_KEY_PREFIX,
+    LANES,
     PRIORITIES,
     UNACKED_KEY,
     Message,
@@ -36,13 +38,14 @@ from producer.wire import (
     ledger_jobs_key,
     ledger_key,
     ledger_lock_key,
-    queue_key,
+    queue_keys,
 )
 
 #: How many of the oldest queued messages the sweep compares an overdue entry with.
 SCAN = 1000
 
-# KEYS: ledger, due, the queue's lists (one a priority), the jobs hash, the backlog counter.
+# KEYS: ledger, due, the queue's lists (one a lane and priority: wire.queue_keys), the jobs
+# hash, the backlog counter.
 # ARGV: limit (0: none), due time, now, the number of messages, then per message: the index of
 # its list in KEYS, id, tag, job count, raw; then, if any jobs carry records, the record key
 # prefix, their ttl, and a job id and record per job. An entry is "<tag> <pushed at> <list
@@ -137,14 +140,16 @@ def push_command(
     :meth:`Ledger.push`)."""
     now = time.time()
     args: list[Any] = [limit, now + check_after_s, f"{now:.3f}", len(messages)]
-    index = {priority: i + 3 for i, priority in enumerate(PRIORITIES)}  # KEYS are 1-based
+    index = {(lane, priority): i + 3  # KEYS are 1-based
+             for i, (lane, priority) in enumerate(product(LANES, PRIORITIES))}  # fmt: skip
     for message in messages:
-        args += [index[message.priority], message.id, message.tag, message.jobs, message.raw]
+        where = index[(message.lane, message.priority)]
+        args += [where, message.id, message.tag, message.jobs, message.raw]
     if records:
         args += [JOB_KEY_PREFIX, ttl_s]
         for job_id, record in records.items():
             args += [job_id, record]
-    lists = [queue_key(queue, priority) for priority in PRIORITIES]
+    lists = queue_keys(queue)
     counted = [ledger_jobs_key(queue), backlog_key(queue)]
     return [ledger_key(queue), ledger_due_key(queue), *lists, *counted], args
 
@@ -156,7 +161,7 @@ class Ledger:
         self.client = client
         self.queue = queue
         self.acks = acks or ReplicaAcks(0, 0.0)
-        self.lists = [queue_key(queue, priority) for priority in PRIORITIES]
+        self.lists = queue_keys(queue)
         self.keys = (ledger_key(queue), ledger_due_key(queue))
         self._push = client.register_script(_PUSH)
         self._sweep = client.register_script(_SWEEP)

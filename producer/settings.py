@@ -74,6 +74,7 @@ class Settings:
     http_body_timeout_s: float = 30.0
     shared_roots: tuple[Path, ...] = ()
     monitor: bool = True
+    worker_kind: str = "auto"
     monitor_window_jobs: int = 1000
     drift_threshold: float = 0.2
     low_confidence: float = 0.5
@@ -83,6 +84,11 @@ class Settings:
             raise ConfigError(
                 f"BATCHERY_CHUNK_SIZE={self.chunk_size}: a message carries at most "
                 f"{MAX_JOBS_PER_MESSAGE} jobs"
+            )
+        if self.worker_kind not in ("auto", "full", "lite"):
+            raise ConfigError(
+                f"BATCHERY_WORKER_KIND={self.worker_kind!r}: use auto, full (TensorFlow: every "
+                "format) or lite (LiteRT versions only, no TensorFlow)"
             )
         if self.log_format not in ("text", "json"):
             raise ConfigError(f"BATCHERY_LOG_FORMAT={self.log_format!r}: use text or json")
@@ -287,6 +293,7 @@ class Settings:
             ),
             shared_roots=shared_roots(env.get("BATCHERY_SHARED_ROOTS", "")),
             monitor=flag("BATCHERY_MONITOR", default=True),
+            worker_kind=text("BATCHERY_WORKER_KIND", defaults.worker_kind).lower(),
             monitor_window_jobs=int(
                 number("BATCHERY_MONITOR_WINDOW_JOBS", defaults.monitor_window_jobs, minimum=50)
             ),

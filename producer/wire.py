@@ -90,10 +90,34 @@ PRIORITY_SEP = "\x06\x16"
 MAX_DEADLINE_S = 30 * 24 * 3600.0
 
 
-def queue_key(queue: str, priority: str) -> str:
-    """The Redis list holding ``queue``'s messages of ``priority``."""
+#: A queue's lanes: jobs a worker without TensorFlow can serve (LiteRT versions) travel in
+#: the ``lite`` lane, every other job in the main one. A lane is a kombu queue of its own
+#: (``<queue>.lite``), so kombu's own redelivery puts a message back in its lane; both share
+#: the queue's ledger and backlog. TensorFlow workers take both lanes, lite workers only
+#: theirs: a Keras job never reaches a worker that can't serve it.
+LANES = ("", "lite")
+
+
+def lane_queue(queue: str, lane: str = "") -> str:
+    """The kombu queue of ``queue``'s ``lane``."""
+    return f"{queue}.{lane}" if lane else queue
+
+
+def lane_of_format(fmt: str) -> str:
+    """The lane of a model format (a manifest's ``format``)."""
+    return "lite" if fmt == "litert" else ""
+
+
+def queue_key(queue: str, priority: str, lane: str = "") -> str:
+    """The Redis list holding ``queue``'s messages of ``priority`` in ``lane``."""
     number = PRIORITIES[priority]
-    return f"{queue}{PRIORITY_SEP}{number}" if number else queue
+    name = lane_queue(queue, lane)
+    return f"{name}{PRIORITY_SEP}{number}" if number else name
+
+
+def queue_keys(queue: str) -> list[str]:
+    """Every list of ``queue``: each lane's, each priority's (the ledger's order)."""
+    return [queue_key(queue, priority, lane) for lane in LANES for priority in PRIORITIES]
 
 
 def priority_of(number: Any) -> str:
@@ -420,6 +444,8 @@ class Job:
     #: too, so a message never stands for more than BATCHERY_MAX_MESSAGE_BYTES of photos and
     #: the work spreads over every pool process (workers merge small messages into batches).
     source_bytes: int = 0
+    #: Not sent: the lane its message travels in (see :data:`LANES`), from its model's format.
+    lane: str = ""
 
     def stamped(
         self, job_id: str, image: bytes = b"", submitted_at: float | None = None,
@@ -430,7 +456,8 @@ class Job:
         per file)."""
         return Job(job_id, image, self.model, self.version,
                    self.submitted_at if submitted_at is None else submitted_at, self.notify,
-                   self.priority, self.deadline_s, self.explain, path, source_bytes)  # fmt: skip
+                   self.priority, self.deadline_s, self.explain, path, source_bytes,
+                   self.lane)  # fmt: skip
 
     def to_wire(self) -> dict[str, Any]:
         """The job as a JSON-ready dict (image bytes in base64)."""
@@ -592,7 +619,7 @@ def jobs_in_headers(headers: Any) -> int:
 def chunk_jobs(jobs: Sequence[Job], most_jobs: int, most_bytes: int) -> list[list[Job]]:
     """``jobs`` in order, split into messages of at most ``most_jobs`` jobs and about
     ``most_bytes`` bytes (a job bigger than that alone makes a message of its own), and
-    wherever the priority changes (a message's jobs share its list)."""
+    wherever the priority or the lane changes (a message's jobs share its list)."""
     chunks: list[list[Job]] = []
     current: list[Job] = []
     size = 0
@@ -602,6 +629,7 @@ def chunk_jobs(jobs: Sequence[Job], most_jobs: int, most_bytes: int) -> list[lis
             len(current) >= most_jobs
             or size + weight > most_bytes
             or job.priority != current[0].priority
+            or job.lane != current[0].lane
         ):
             chunks.append(current)
             current, size = [], 0
@@ -624,6 +652,7 @@ class Message(NamedTuple):
     raw: str
     priority: str = "normal"
     jobs: int = 1
+    lane: str = ""
 
 
 def encode_message(jobs: list[Job], queue: str, message_id: str | None = None) -> str:
@@ -708,12 +737,12 @@ def _build_message(
             "correlation_id": task_id,
             "reply_to": "",
             "delivery_mode": 2,
-            "delivery_info": {"exchange": "", "routing_key": queue},
+            "delivery_info": {"exchange": "", "routing_key": lane_queue(queue, jobs[0].lane)},
             "priority": PRIORITIES[jobs[0].priority],
             "delivery_tag": tag,
         },
     }
-    return Message(task_id, tag, json.dumps(envelope), jobs[0].priority, len(jobs))
+    return Message(task_id, tag, json.dumps(envelope), jobs[0].priority, len(jobs), jobs[0].lane)
 
 
 @dataclass(frozen=True)

@@ -29,19 +29,20 @@ from producer.ledger import backlog_jobs, settle
 from producer.registry import ModelInfo, Registry
 from producer.settings import Settings, redact_url
 from producer.wire import (
-    PRIORITIES,
+    LANES,
     TASK_CLASSIFY,
     UNACKED_KEY,
     backlog_key,
     deaths_key,
     heartbeat_key,
-    queue_key,
+    lane_queue,
+    queue_keys,
     result_key,
 )
 from worker import logs, metrics, preprocess
 from worker.batching import BATCH_DONE, DynamicBatches
 from worker.compat import check_libraries
-from worker.models import ModelCache
+from worker.models import ModelCache, worker_kind
 from worker.refusals import refusing_consumer
 from worker.tasks import BatchRunner, RequestLike
 from worker.transport import SentinelTransport, Transport
@@ -92,7 +93,9 @@ def warm_up(settings: Settings) -> None:
     """Load the default model before the first job; then keep house in the background."""
     batch_runner = runner(settings)
     try:
-        batch_runner.models.get(None, None)
+        batch_runner.models.get(
+            None, lite_default(batch_runner) if batch_runner.kind == "lite" else None
+        )
     except BatcheryError as exc:
         # Jobs for it will fail with this reason; the process stays up for other models.
         log.error("default model not loaded: %s", exc)
@@ -104,7 +107,9 @@ def warm_up(settings: Settings) -> None:
         # messages lost in transit sent again (see producer/ledger.py).
         while True:
             try:
-                batch_runner.redis.set(heartbeat_key(name), "1", ex=int(interval * 3) + 5)
+                # Its value, the worker's kind: producers check a live worker can serve a job.
+                batch_runner.redis.set(heartbeat_key(name), batch_runner.kind,
+                                       ex=int(interval * 3) + 5)  # fmt: skip
             except redis.RedisError as exc:
                 log.warning("heartbeat not written: %s", exc)
             batch_runner.models.refresh()
@@ -119,6 +124,19 @@ def warm_up(settings: Settings) -> None:
             time.sleep(interval)
 
     threading.Thread(target=housekeeping, name="batchery-housekeeping", daemon=True).start()
+
+
+def lite_default(batch_runner: BatchRunner) -> str | None:
+    """The version a lite worker warms up: the default model's promoted one if it is LiteRT,
+    else its newest LiteRT version (None: it has none; jobs will say so)."""
+    registry, name = batch_runner.models.registry, batch_runner.models.default_model
+    try:
+        versions = registry.versions(name)
+        promoted = registry.promoted(name)
+        lite = [v for v in versions if registry.get(name, v).format == "litert"]
+    except BatcheryError:
+        return None
+    return promoted if promoted in lite else (lite[-1] if lite else None)
 
 
 def count_deaths(
@@ -279,7 +297,14 @@ def set_up_signing(app: Celery, settings: Settings) -> None:
 def run_worker(settings: Settings, loglevel: str = "INFO") -> None:
     """Run a Celery worker for ``settings`` in the foreground (``batchery worker``)."""
     check_libraries()
-    logging.getLogger(__name__).info("broker %s", redact_url(settings.redis_url))
+    kind = worker_kind(settings.worker_kind)
+    lanes = LANES if kind == "full" else ("lite",)
+    logging.getLogger(__name__).info(
+        "broker %s, a %s worker (%s)",
+        redact_url(settings.redis_url),
+        kind,
+        "every format" if kind == "full" else "LiteRT only",
+    )
     metrics.prepare(settings)  # before anything imports prometheus_client or forks
     app = create_app(settings)
     logs.set_up(settings.log_format)
@@ -288,8 +313,8 @@ def run_worker(settings: Settings, loglevel: str = "INFO") -> None:
 
         def read_queue() -> tuple[int, int, int]:
             with queue_reader.pipeline(transaction=False) as pipe:
-                for priority in PRIORITIES:
-                    pipe.llen(queue_key(settings.queue, priority))
+                for key in queue_keys(settings.queue):  # every lane's, every priority's
+                    pipe.llen(key)
                 pipe.hlen(UNACKED_KEY)
                 pipe.get(backlog_key(settings.queue))
                 *depths, in_flight, backlog = pipe.execute()
@@ -301,7 +326,8 @@ def run_worker(settings: Settings, loglevel: str = "INFO") -> None:
         argv=[
             "worker",
             f"--concurrency={settings.concurrency}",
-            f"--queues={settings.queue}",
+            # A TensorFlow worker takes both lanes, a lite one only LiteRT jobs (wire.LANES).
+            "--queues=" + ",".join(lane_queue(settings.queue, lane) for lane in lanes),
             f"--loglevel={loglevel}",
             "--pool=prefork",
             f"--hostname=batchery-{os.getpid()}@%h",

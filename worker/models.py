@@ -6,6 +6,7 @@ Celery parent before it forks, never in a producer.
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 import shutil
 import tempfile
@@ -111,12 +112,33 @@ class _SavedModelAdapter:
         return next(iter(out.values())) if isinstance(out, dict) else out
 
 
+def worker_kind(settings_kind: str = "auto") -> str:
+    """``full`` (TensorFlow installed: every format) or ``lite`` (LiteRT versions only, run by
+    ``ai-edge-litert``); ``auto`` picks by whether TensorFlow can be imported."""
+    if settings_kind != "auto":
+        return settings_kind
+    try:
+        found = importlib.util.find_spec("tensorflow") is not None
+    except (ImportError, ValueError):
+        found = False
+    return "full" if found else "lite"
+
+
 def litert_forward(
     model_bytes: bytes, info: ModelInfo, batch_size: int, threads: int | None
 ) -> Callable[[np.ndarray], np.ndarray]:
-    """A forward pass over a LiteRT model: ``batch_size`` rows at most, float in, float out."""
-    tf = tensorflow()
-    interpreter = tf.lite.Interpreter(model_content=model_bytes, num_threads=threads or 1)
+    """A forward pass over a LiteRT model: ``batch_size`` rows at most, float in, float out.
+
+    LiteRT's own runtime (``ai-edge-litert``), in both worker kinds: no TensorFlow needed,
+    and not TensorFlow's deprecated ``tf.lite.Interpreter``.
+    """
+    try:
+        from ai_edge_litert.interpreter import Interpreter
+    except ImportError as exc:
+        raise ModelLoadError(
+            f"{info.key} is a LiteRT model: install ai-edge-litert (pip install 'batchery[lite]')"
+        ) from exc
+    interpreter = Interpreter(model_content=model_bytes, num_threads=threads or 1)
     [inp] = interpreter.get_input_details()
     [out] = interpreter.get_output_details()
     interpreter.resize_tensor_input(inp["index"], [batch_size, *info.input_shape])
@@ -163,7 +185,6 @@ def load(info: ModelInfo, batch_size: int, threads: int | None = None) -> Loaded
             f"{info.key}: sha256 of {info.file.name} is {digest}, model.json says "
             f"{info.meta.get('sha256')}: refusing to load a file that changed after publishing"
         )
-    tf = tensorflow(threads)
     if info.format == "litert":  # a flatbuffer: no Python in it, nothing for safe_mode
         try:
             forward_fn = litert_forward(copy.read_bytes(), info, batch_size, threads)
@@ -172,6 +193,14 @@ def load(info: ModelInfo, batch_size: int, threads: int | None = None) -> Loaded
         finally:
             private.cleanup()
         return _warmed(LoadedModel(info, forward_fn, batch_size), digest)
+    try:
+        tf = tensorflow(threads)
+    except ImportError as exc:
+        private.cleanup()
+        raise ModelLoadError(
+            f"{info.key} is a {info.format} model: this worker has no TensorFlow (a lite "
+            "worker serves LiteRT versions only)"
+        ) from exc
     try:
         model = read_model(copy, info.format, info.trusted)
     except ModelLoadError as exc:

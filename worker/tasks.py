@@ -33,6 +33,7 @@ from producer.wire import (
     EXPIRED,
     FAILURE,
     JOB_KEY_PREFIX,
+    MAX_JOBS_PER_MESSAGE,
     RESULT_KEY_PREFIX,
     STATS_KEY,
     SUCCESS,
@@ -43,10 +44,12 @@ from producer.wire import (
     TopK,
     bounded,
     build_message,
+    chunk_jobs,
     deaths_key,
     encode_result_meta,
     excerpt,
     job_ids_in,
+    lane_of_format,
     new_job_id,
     read_jobs,
     result_key,
@@ -55,7 +58,7 @@ from producer.wire import (
 from worker import explain as worker_explain
 from worker import preprocess
 from worker.metrics import Metrics
-from worker.models import LoadedModel, ModelCache
+from worker.models import LoadedModel, ModelCache, worker_kind
 
 log = logging.getLogger(__name__)
 
@@ -93,6 +96,8 @@ class BatchRunner:
         self.budgets: dict[tuple[str | None, str | None], float] = {}
         #: Jobs of the batch running that were answered before it (see run and answer).
         self.answered_before: set[str] = set()
+        #: ``full`` (every format) or ``lite`` (LiteRT only): see worker.models.worker_kind.
+        self.kind = worker_kind(settings.worker_kind)
         #: The batch's monitoring counts per (model, version) (producer.monitoring).
         self.monitored: dict[tuple[str, str], Counter[str]] = {}
 
@@ -193,6 +198,13 @@ class BatchRunner:
             suspects = []
         held = {job.id for job in poison} | {job.id for job in suspects}
         runnable = [job for job in fresh if job.id not in held]
+        if self.kind == "lite":
+            # A job whose version is not LiteRT (its lane chosen before a promotion, say)
+            # goes on to a worker that can serve it, never fails here.
+            foreign = [job for job in runnable if self._lane(job) != "lite"]
+            if foreign:
+                self.hand_over(foreign)
+                runnable = [job for job in runnable if job not in foreign]
         late = [JobResult.expired(job) for job in expired]
         return late + self.fail_poison(poison, deaths) + self.classify(runnable)
 
@@ -260,11 +272,36 @@ class BatchRunner:
         deaths = {job.id: _count(n) for job, n in zip(jobs, counts, strict=True) if n is not None}
         return answered, deaths
 
+    def _lane(self, job: Job) -> str:
+        """The lane a job belongs in: its version's format's (worker.LANES); the main lane
+        when its version can't be resolved (the worker there answers with the reason)."""
+        try:
+            return lane_of_format(self.models.resolve(job.model, job.version).format)
+        except (BatcheryError, OSError, ValueError):
+            return ""
+
+    def hand_over(self, jobs: Sequence[Job]) -> None:
+        """Send jobs this lite worker can't serve to the main lane, where TensorFlow workers
+        take them (in one message, as they came)."""
+        queue = self.settings.queue
+        moved = [replace(job, lane="") for job in jobs]
+        messages = [build_message(chunk, queue, new_job_id(), signer=self.signer)
+                    for chunk in chunk_jobs(moved, MAX_JOBS_PER_MESSAGE, 1 << 62)]  # fmt: skip
+        self.ledger.push(messages, self.settings.visibility_timeout_s)
+        log.warning("handed %d jobs to TensorFlow workers (not LiteRT versions): %s",
+                    len(jobs), excerpt(", ".join(job.id for job in jobs), 200))  # fmt: skip
+
     def isolate(self, jobs: Sequence[Job]) -> None:
         """Send each suspect job back as a message of its own, so a poison one dies alone."""
         queue = self.settings.queue
         messages = [
-            build_message([job], queue, new_job_id(), alone=True, signer=self.signer)
+            build_message(
+                [replace(job, lane=self._lane(job))],
+                queue,
+                new_job_id(),
+                alone=True,
+                signer=self.signer,
+            )
             for job in jobs
         ]
         self.ledger.push(messages, self.settings.visibility_timeout_s)

@@ -92,6 +92,8 @@ DOCUMENTED: dict[str, str | None] = {
     "/app/models-in/x.keras --name x --labels ...": "publish x.keras as x, labels 0-9",
     'docker compose run --rm --user "$(id -u):$(id -g)" models models publish '
     "/app/models-in/my.keras --name my --labels a,b": "publish x.keras as x, labels 0-9",
+    # Run as shown, beside the TensorFlow workers (the lite phase).
+    "docker compose --profile lite up -d --scale worker-lite=2": None,
 }
 DOC_FILES = ["README.md", "docs/operations.md", "docker-compose.yml", "docker-compose.gpu.yml"]
 
@@ -329,8 +331,12 @@ def install_compose_shim(work: Path) -> None:
 def base_images() -> list[str]:
     compose = (ROOT / "docker-compose.yml").read_text()
     names = re.findall(r"^\s+image:\s*(\S+)", compose, re.M)
-    names += re.findall(r"^FROM\s+(\S+)", (ROOT / "Dockerfile").read_text(), re.M)
-    return sorted({n for n in names if not n.startswith("batchery:")} - NOT_RUN)
+    dockerfile = (ROOT / "Dockerfile").read_text()
+    stages = set(re.findall(r"^FROM\s+\S+\s+AS\s+(\S+)", dockerfile, re.M | re.I))
+    names += [n for n in re.findall(r"^FROM\s+(\S+)", dockerfile, re.M)
+              if n not in stages and n != "scratch"]  # fmt: skip
+    # The project's own images (batchery, batchery-lite, batchery-gateway): built, not pulled.
+    return sorted({n for n in names if not re.match(r"batchery(-\w+)?:", n)} - NOT_RUN)
 
 
 def image_present(name: str) -> bool:
@@ -855,6 +861,43 @@ def stack(project: Path, secrets_: dict[str, str]) -> dict[str, Any]:
             f"a job on x: {job}",
         )
         log(f"published x@1; a job on it: {job['result']['label']} ({DIGITS[70].name})")
+
+    with phase("--profile lite: lite workers (no TensorFlow) beside the TensorFlow ones"):
+        compose("docker compose --profile lite up -d --scale worker-lite=2", project, timeout=300)
+        lite = containers(project, "worker-lite")
+        check(len(lite) == 2, f"{len(lite)} lite worker containers, not 2")
+        for container in lite:
+            out = run(["docker", "exec", container, "python", "-c",
+                       "import importlib.util as u; print(u.find_spec('tensorflow'))"],
+                      quiet=True).stdout.strip()  # fmt: skip
+            check(out == "None", f"TensorFlow is importable in the lite image: {out}")
+
+        def lite_alive() -> bool:
+            status, rows = gateway.json("GET", "/v1/models")
+            return status == 200 and any(r["version"] == "3" and r["workers"]["lite"] == 2
+                                         for r in rows)  # fmt: skip
+
+        wait_for("two lite workers alive (GET /v1/models)", lite_alive, 180)
+        # LiteRT jobs (mnist-cnn@3) reach every kind; the promoted Keras version never a
+        # lite worker.
+        answers = [submit(gateway, DIGITS, "?wait=60&version=3") for _ in range(4)]
+        answers += [submit(gateway, DIGITS, "?wait=60") for _ in range(2)]
+        results = [job["result"] for jobs in answers for job in jobs if "result" in job]
+        check(len(results) == 600 and all(r["status"] == "SUCCESS" for r in results),
+              f"{len(results)} of 600 answered")  # fmt: skip
+        served = {"3": 0, promoted: 0}
+        for r in results:
+            served[r["version"]] = served.get(r["version"], 0) + 1
+        check(served == {"3": 400, promoted: 200}, f"versions answered: {served}")
+        by_lite = 0
+        for container in lite:
+            text = run(["docker", "logs", container], quiet=True).stdout
+            check(f"mnist-cnn@{promoted}" not in re.sub(r"loaded .*", "", text),
+                  f"a Keras job ran on a lite worker:\n{text[-2000:]}")  # fmt: skip
+            by_lite += sum(int(n) for n in re.findall(r"batch of (\d+) jobs \(mnist-cnn@3", text))
+        check(by_lite > 0, "no LiteRT job was answered by a lite worker")
+        log(f"lite workers answered {by_lite} of 400 LiteRT jobs; {served}")
+        found["lite_answered"] = by_lite
     return found
 
 
@@ -933,10 +976,17 @@ def main() -> int:
         with phase("build: the project's Dockerfile, unchanged"):
             # Compose builds it, on the host's network (the engine's reach nothing outside).
             override = work / "build-on-host-network.yml"
-            override.write_text("services:\n  worker:\n    build:\n      network: host\n")
+            override.write_text(
+                "services:\n"
+                + "".join(
+                    f"  {s}:\n    build:\n      network: host\n"
+                    for s in ("worker", "gateway", "worker-lite")
+                )
+            )
             up = True
             compose(
-                f"docker compose -f docker-compose.yml -f {override} build worker",
+                f"docker compose -f docker-compose.yml -f {override} --profile lite "
+                "build worker gateway worker-lite",
                 project,
                 timeout=600,
             )
@@ -966,7 +1016,7 @@ def main() -> int:
             with suppress(Exception):
                 compose(
                     "docker compose --profile monitoring --profile demo --profile admin "
-                    "down -v --remove-orphans",
+                    "--profile lite down -v --remove-orphans",
                     project,
                     timeout=180,
                     ok=False,

@@ -254,7 +254,14 @@ def test_a_wait_past_the_bound_is_cut_to_it(idle: tuple[RedisServer, GatewayProc
 def test_models_are_the_registry_as_the_cli_lists_it(http: httpx.Client) -> None:
     listed = subprocess.run([sys.executable, "-m", "batchery.cli", "models", "list", "--json"],
                             capture_output=True, text=True, check=True).stdout  # fmt: skip
-    assert http.get("/v1/models").json() == json.loads(listed)
+    served = http.get("/v1/models").json()
+    # Each version also says which live workers can serve it, by kind: this session's
+    # TensorFlow worker (a heartbeat a pool process) serves every one, no lite worker is up.
+    workers = [row.pop("workers") for row in served]
+    assert workers[0]["full"] >= 1 and workers == [{"full": workers[0]["full"], "lite": 0}] * len(
+        served
+    )
+    assert served == json.loads(listed)
 
 
 def test_health_and_readiness(http: httpx.Client, idle: tuple[RedisServer, GatewayProcess]) -> None:

@@ -220,3 +220,25 @@ def test_a_call_too_big_for_one_push_is_refused_before_anything_is_sent(
         client.submit_many([image] * 100)
     assert fake_redis.llen("batchery") == 0
     assert len(client.submit_many([image] * 10)) == 10  # under it: pushed as ever
+
+
+def test_jobs_take_the_lane_of_their_version_and_are_refused_when_only_lite_workers_are_up(
+    fake_redis,
+) -> None:
+    from producer.errors import NoWorkerError
+    from producer.wire import heartbeat_key
+
+    client = Client(settings=Settings(), redis_client=fake_redis)  # the shipped registry
+    assert client.job_template(version="3").lane == "lite"  # mnist-cnn@3 is LiteRT
+    assert client.job_template().lane == "" and client.job_template(version="1").lane == ""
+    fake_redis.set(heartbeat_key("h:1"), "lite")
+    client._kinds_at = float("-inf")  # read the workers again now, not in 2 s
+    with pytest.raises(NoWorkerError, match="every worker up is a lite one"):
+        client.submit(digit_paths(1)[0])
+    assert fake_redis.llen("batchery") == 0  # nothing was enqueued
+    client.submit(digit_paths(1)[0], version="3")  # a lite worker serves it
+    assert fake_redis.llen("batchery.lite") == 1
+    fake_redis.set(heartbeat_key("h:2"), "full")
+    client._kinds_at = float("-inf")
+    client.submit(digit_paths(1)[0])
+    assert fake_redis.llen("batchery") == 1

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import fakeredis
 
 from producer import ledger
@@ -157,3 +159,32 @@ def test_entries_the_sweep_drops_leave_the_backlog_and_it_never_goes_negative() 
     assert book.sweep(check_after_s=60, expire_s=-10, every_s=0.001) == 0  # all too old
     assert ledger.backlog(r, "q") == 0 and int(r.get(backlog_key("q"))) == 0
     assert r.hlen(ledger_key("q")) == 0 and r.hlen(ledger_jobs_key("q")) == 0
+
+
+def test_a_lite_job_travels_in_its_lane_and_is_sent_again_there() -> None:
+    from producer.wire import chunk_jobs, lane_queue, queue_key, queue_keys
+
+    r = fakeredis.FakeRedis()
+    jobs = [Job("k1", b"img"), Job("l1", b"img", lane="lite"), Job("l2", b"img", lane="lite"),
+            Job("h1", b"img", priority="high", lane="lite")]  # fmt: skip
+    chunks = chunk_jobs(jobs, 256, 1 << 20)
+    assert [[j.id for j in c] for c in chunks] == [["k1"], ["l1", "l2"], ["h1"]]
+    sent = [build_message(c, "q") for c in chunks]
+    assert [json.loads(m.raw)["properties"]["delivery_info"]["routing_key"] for m in sent] == [
+        "q",
+        "q.lite",
+        "q.lite",
+    ]
+    book = Ledger(r, "q")
+    assert book.push(sent, check_after_s=-1) == 3
+    assert (
+        r.llen("q") == 1 and r.llen("q.lite") == 1 and r.llen(queue_key("q", "high", "lite")) == 1
+    )
+    assert queue_keys("q") == [queue_key("q", p, lane) for lane in ("", "lite")
+                               for p in ("high", "normal", "low")]  # fmt: skip
+    assert lane_queue("q", "lite") == "q.lite" and lane_queue("q") == "q"
+    # Lost between the list and the worker: sent again into its own lane, not the main one.
+    r.delete("q.lite")
+    assert book.sweep(check_after_s=60, expire_s=3600, every_s=0.001) == 1
+    assert r.lrange("q.lite", 0, -1) == [sent[1].raw.encode()] and r.llen("q") == 1
+    assert int(r.get(backlog_key("q"))) == 4  # one backlog for both lanes

@@ -106,24 +106,30 @@ def test_status_reads_depth_flight_workers_counts_and_dead_letters(fake_redis) -
     client = Client(settings=Settings(redis_url="redis://:pw@h:6379/0"), redis_client=fake_redis)
     client.submit_many(digit_paths(3))
     fake_redis.hset("unacked", "tag", "x")
-    fake_redis.set(heartbeat_key("host:1"), "1", ex=10)
+    fake_redis.set(heartbeat_key("host:1"), "full", ex=10)
+    fake_redis.set(heartbeat_key("host:2"), "lite", ex=10)
+    fake_redis.set(heartbeat_key("host:3"), "1", ex=10)  # a worker from before kinds
     fake_redis.hset(STATS_KEY, mapping={"done": 5, "failed": 1, "batches": 2, "cancelled": 6,
                                         "expired": 7, "computed_twice": 3, "cancelled_late": 8,
                                         "refused": 4, "webhooks_delivered": 9,
-                                        "webhooks_failed": 2})  # fmt: skip
+                                        "webhooks_failed": 2, "canary_promoted": 10,
+                                        "canary_rolled_back": 11})  # fmt: skip
     fake_redis.lpush(DEAD_LETTER_KEY, "{}")
     fake_redis.xadd(WEBHOOK_STREAM, {"job": "j", "url": "http://h/"})
     status = collect(client)
     assert status == {
         "redis": "redis://:***@h:6379/0", "queue": "batchery", "queue_depth": 1,
         "queue_depth_by_priority": {"high": 0, "normal": 1, "low": 0},
-        "in_flight": 1, "backlog_jobs": 3, "workers_alive": 1, "workers": ["host:1"],
+        "in_flight": 1, "backlog_jobs": 3, "workers_alive": 3,
+        "workers": ["host:1", "host:2", "host:3"], "worker_kinds": {"full": 2, "lite": 1},
         "done": 5, "failed": 1,
         "batches": 2, "cancelled": 6, "expired": 7, "computed_twice": 3, "cancelled_late": 8,
         "refused": 4, "dead_letters": 1, "webhooks_pending": 1, "webhooks_delivered": 9,
-        "webhooks_failed": 2,
+        "webhooks_failed": 2, "canary_promoted": 10, "canary_rolled_back": 11, "rollouts": {},
     }  # fmt: skip
     shown = render(status)
+    assert "workers alive  3 (2 TensorFlow: every format, 1 lite: LiteRT only)" in shown
+    assert "canaries       10 promoted, 11 rolled back" in shown
     assert "1 messages waiting (high 0, normal 1, low 0), 1 in flight" in shown
     assert "3 jobs not answered yet" in shown  # three jobs in one message
     assert "5 done, 1 failed, 6 cancelled, 7 expired, in 2 batches" in shown
