@@ -30,6 +30,7 @@ from pathlib import Path
 from batchery.local import RedisServer
 from producer.client import Client
 from producer.settings import Settings
+from producer.wire import HEARTBEAT_PREFIX
 
 ROOT = Path(__file__).resolve().parent.parent
 NO_TF = ROOT / "tests" / "integration" / "no_tensorflow"
@@ -108,6 +109,10 @@ def measure(kind: str, version: str, url: str, folder: Path, tmp: Path,
             rows = sum(1 for _ in out.open())
         finally:
             stop(proc)
+            # The next worker is judged by the heartbeats up: wait for this one's to go.
+            deadline = time.monotonic() + 20
+            while client.redis.keys(f"{HEARTBEAT_PREFIX}*") and time.monotonic() < deadline:
+                time.sleep(0.2)
     return {"cold_s": cold, "pool_pss_mib": max(pss) / 1024 if pss else 0.0,
             "lone_p50_ms": sorted(lone)[len(lone) // 2] * 1000,
             "tree_pss_mib": tree / 1024, "img_s": rows / seconds, "images": rows}  # fmt: skip

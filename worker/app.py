@@ -8,6 +8,7 @@ process; the batch runs in a pool process.
 from __future__ import annotations
 
 import atexit
+import contextlib
 import logging
 import math
 import os
@@ -124,6 +125,14 @@ def warm_up(settings: Settings) -> None:
             time.sleep(interval)
 
     threading.Thread(target=housekeeping, name="batchery-housekeeping", daemon=True).start()
+
+    def gone(**_: Any) -> None:
+        # A pool process that stops cleanly takes its heartbeat with it: producers then see
+        # at once which kinds of worker are up (a killed one's expires within seconds).
+        with contextlib.suppress(redis.RedisError):
+            batch_runner.redis.delete(heartbeat_key(name))
+
+    signals.worker_process_shutdown.connect(gone, weak=False)
 
 
 def lite_default(batch_runner: BatchRunner) -> str | None:

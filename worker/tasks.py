@@ -201,7 +201,9 @@ class BatchRunner:
         if self.kind == "lite":
             # A job whose version is not LiteRT (its lane chosen before a promotion, say)
             # goes on to a worker that can serve it, never fails here.
-            foreign = [job for job in runnable if self._lane(job) != "lite"]
+            # One registry read per version in the batch, not per job.
+            lanes = {key: self._lane(*key) for key in {(j.model, j.version) for j in runnable}}
+            foreign = [job for job in runnable if lanes[(job.model, job.version)] != "lite"]
             if foreign:
                 self.hand_over(foreign)
                 runnable = [job for job in runnable if job not in foreign]
@@ -272,11 +274,11 @@ class BatchRunner:
         deaths = {job.id: _count(n) for job, n in zip(jobs, counts, strict=True) if n is not None}
         return answered, deaths
 
-    def _lane(self, job: Job) -> str:
-        """The lane a job belongs in: its version's format's (worker.LANES); the main lane
-        when its version can't be resolved (the worker there answers with the reason)."""
+    def _lane(self, model: str | None, version: str | None) -> str:
+        """The lane jobs for ``model@version`` belong in: its format's (wire.LANES); the main
+        lane when it can't be resolved (the worker there answers with the reason)."""
         try:
-            return lane_of_format(self.models.resolve(job.model, job.version).format)
+            return lane_of_format(self.models.resolve(model, version).format)
         except (BatcheryError, OSError, ValueError):
             return ""
 
@@ -296,7 +298,7 @@ class BatchRunner:
         queue = self.settings.queue
         messages = [
             build_message(
-                [replace(job, lane=self._lane(job))],
+                [replace(job, lane=self._lane(job.model, job.version))],
                 queue,
                 new_job_id(),
                 alone=True,

@@ -863,6 +863,7 @@ def stack(project: Path, secrets_: dict[str, str]) -> dict[str, Any]:
         log(f"published x@1; a job on it: {job['result']['label']} ({DIGITS[70].name})")
 
     with phase("--profile lite: lite workers (no TensorFlow) beside the TensorFlow ones"):
+        began = time.monotonic()
         compose("docker compose --profile lite up -d --scale worker-lite=2", project, timeout=300)
         lite = containers(project, "worker-lite")
         check(len(lite) == 2, f"{len(lite)} lite worker containers, not 2")
@@ -877,7 +878,9 @@ def stack(project: Path, secrets_: dict[str, str]) -> dict[str, Any]:
             return status == 200 and any(r["version"] == "3" and r["workers"]["lite"] == 2
                                          for r in rows)  # fmt: skip
 
-        wait_for("two lite workers alive (GET /v1/models)", lite_alive, 180)
+        wait_for("two lite workers alive (GET /v1/models)", lite_alive, 180, every=0.2)
+        found["lite_up_s"] = round(time.monotonic() - began, 1)
+        log(f"two lite worker containers up and serving {found['lite_up_s']} s after `up`")
         # LiteRT jobs (mnist-cnn@3) reach every kind; the promoted Keras version never a
         # lite worker.
         answers = [submit(gateway, DIGITS, "?wait=60&version=3") for _ in range(4)]
