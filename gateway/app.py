@@ -41,7 +41,7 @@ from gateway.apikeys import ApiKeys, RateLimiter
 from gateway.delivery import Deliverer
 from gateway.guard import GatewayMetrics, Guard, headers_in_time
 from gateway.outbox import Outbox
-from gateway.quality import QualityGauges, VersionQuality, refresh
+from gateway.quality import QualityGauges, VersionQuality, read_decisions, refresh
 from gateway.quality import read as read_quality
 from gateway.waiter import ResultWaiter
 from producer import connections
@@ -519,6 +519,7 @@ def create_app(settings: Settings, webhooks: bool = True) -> Any:
         if settings.monitor:
 
             def read() -> list[VersionQuality]:
+                quality.decisions = read_decisions(client.redis)
                 return read_quality(client.redis, Registry.from_settings(settings), settings)
 
             reading = asyncio.create_task(refresh(quality, read, stop))

@@ -40,11 +40,12 @@ from typing import Any
 import anyio.to_thread
 import redis
 from prometheus_client import CollectorRegistry
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from producer.monitoring import Drift, reports
 from producer.registry import Registry
 from producer.settings import Settings
+from producer.wire import STATS_KEY
 
 log = logging.getLogger("batchery.gateway")
 
@@ -60,6 +61,7 @@ EXPORTED = (
     "batchery_model_low_confidence_ratio",
     "batchery_model_live_accuracy",
     "batchery_model_feedback_jobs",
+    "batchery_canary_decisions_total",
 )
 
 
@@ -98,11 +100,19 @@ def read(client: redis.Redis, registry: Registry, settings: Settings) -> list[Ve
     ]
 
 
+def read_decisions(client: redis.Redis) -> dict[str, int]:
+    """Canary decisions counted so far (the stats hash's ``canary_*`` counters)."""
+    promoted, rolled_back = client.hmget(STATS_KEY, "canary_promoted", "canary_rolled_back")
+    return {"promoted": int(promoted or 0), "rolled_back": int(rolled_back or 0)}
+
+
 class QualityGauges:
     """A Prometheus collector of the last figures read (:attr:`rows`)."""
 
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.rows: list[VersionQuality] = []
+        #: Canary decisions so far (``batchery models canary --watch``): promoted, rolled back.
+        self.decisions: dict[str, int] = {}
         if registry is not None:
             registry.register(self)
 
@@ -130,6 +140,13 @@ class QualityGauges:
         )
         accuracy = gauge("batchery_model_live_accuracy", "Right / jobs with feedback")
         feedback = gauge("batchery_model_feedback_jobs", "Jobs with feedback")
+        decisions = CounterMetricFamily(
+            "batchery_canary_decisions", "Canaries promoted or rolled back by their guardrails",
+            labels=["decision"],
+        )  # fmt: skip
+        for decision, count in self.decisions.items():
+            decisions.add_metric([decision], count)
+        yield decisions
         for row in self.rows:
             key = [row.model, row.version]
             for d in row.drifts:

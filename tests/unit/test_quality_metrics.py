@@ -21,13 +21,21 @@ import pytest
 import redis
 from prometheus_client import CollectorRegistry
 
-from gateway.quality import EXPORTED, QualityGauges, VersionQuality, read, refresh
+from gateway.quality import (
+    EXPORTED,
+    QualityGauges,
+    VersionQuality,
+    read,
+    read_decisions,
+    refresh,
+)
 from producer import connections
 from producer.client import Client
 from producer.monitoring import SCORE_EDGES, add_counts, observe
 from producer.registry import Registry
 from producer.settings import Settings
 from producer.wire import (
+    STATS_KEY,
     SUCCESS,
     Job,
     feedback_counts_key,
@@ -111,10 +119,15 @@ def test_the_gauges_follow_the_counts_workers_write(registry: Registry) -> None:
     write(fake, "9", batch_counts(50, seed=4))
     write(fake, "3", batch_counts(50, seed=5), model="ghost")
 
+    fake.hset(STATS_KEY, mapping={"canary_promoted": 2, "canary_rolled_back": 1})
     gauges = QualityGauges()
     gauges.rows = read(fake, registry, settings)
-    first = scraped(gauges)
-    assert {name for name, _ in first} == set(EXPORTED)
+    gauges.decisions = read_decisions(fake)
+    everything = scraped(gauges)
+    assert {name for name, _ in everything} == set(EXPORTED)
+    assert everything[("batchery_canary_decisions_total", (("decision", "promoted"),))] == 2
+    assert everything[("batchery_canary_decisions_total", (("decision", "rolled_back"),))] == 1
+    first = {k: v for k, v in everything.items() if k[0].startswith("batchery_model_")}
     versions = {dict(labels)["version"] for _, labels in first}
     assert versions == {"1", "2"}  # 3 served nothing and is not promoted; 9 is not held
     assert {dict(labels)["model"] for _, labels in first} == {MODEL}
