@@ -894,7 +894,8 @@ def stack(project: Path, secrets_: dict[str, str]) -> dict[str, Any]:
         check(served == {"3": 400, promoted: 200}, f"versions answered: {served}")
         by_lite = 0
         for container in lite:
-            text = run(["docker", "logs", container], quiet=True).stdout
+            logs = run(["docker", "logs", container], quiet=True)
+            text = logs.stdout + logs.stderr  # a worker logs to stderr
             check(f"mnist-cnn@{promoted}" not in re.sub(r"loaded .*", "", text),
                   f"a Keras job ran on a lite worker:\n{text[-2000:]}")  # fmt: skip
             by_lite += sum(int(n) for n in re.findall(r"batch of (\d+) jobs \(mnist-cnn@3", text))
