@@ -213,9 +213,14 @@ class Client:
         else:
             registry = Registry(self.settings.model_dir)
             lane = ""
-            if registry.names():
-                info = registry.get(model or self.settings.default_model, version)
-                lane = lane_of_format(info.format)
+            try:
+                if registry.names():
+                    info = registry.get(model or self.settings.default_model, version)
+                    lane = lane_of_format(info.format)
+            except BatcheryError:
+                pass  # unknown here: the main lane, where a worker answers with the reason
+            if len(self._lanes) >= 1024:  # names a caller makes up must not grow it forever
+                self._lanes.clear()
             self._lanes[key] = (lane, now)
         if lane == "" and self._only_lite_workers():
             name = model or self.settings.default_model
