@@ -18,6 +18,7 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
+import click
 import redis
 from celery import Celery, signals
 from celery.exceptions import ImproperlyConfigured
@@ -331,6 +332,15 @@ def run_worker(settings: Settings, loglevel: str = "INFO") -> None:
 
         metrics.serve(settings, read_queue)
         atexit.register(metrics.clean_up)
+    try:
+        _start(app, settings, lanes, loglevel)
+    except click.exceptions.Abort as exc:
+        # A Ctrl-C that lands while Celery's command line is starting (its imports): click
+        # turns it into Abort, which would end the command with status 1 and a traceback.
+        raise KeyboardInterrupt from exc
+
+
+def _start(app: Celery, settings: Settings, lanes: tuple[str, ...], loglevel: str) -> None:
     app.worker_main(
         argv=[
             "worker",
