@@ -91,6 +91,14 @@ def document(settings: Settings, webhooks: bool = True) -> dict[str, Any]:
     auth: list[dict[str, list[str]]] = [{"apiKey": []}] if settings.api_keys else []
     unauthorized = {"401": _error("no API key, or not a known one")} if settings.api_keys else {}
     limited = {"429": _error("this key's rate limit is spent", retry_after=True)}
+    # What a client does next with a submitted job, from the body (one job or many: the
+    # Location header names only a lone job's).
+    first = {"job_id": "$response.body#/jobs/0/job_id"}
+    job_links = {
+        "GetJob": {"operationId": "getJob", "parameters": first},
+        "CancelJob": {"operationId": "cancelJob", "parameters": first},
+        "GiveFeedback": {"operationId": "giveFeedback", "parameters": first},
+    }
     job_id = {
         "name": "job_id",
         "in": "path",
@@ -157,6 +165,7 @@ def document(settings: Settings, webhooks: bool = True) -> dict[str, Any]:
                                     "schema": {"$ref": "#/components/schemas/Accepted"}
                                 }
                             },
+                            "links": job_links,
                         },
                         "202": {
                             "description": "accepted: a job per image, in input order (with "
@@ -172,6 +181,7 @@ def document(settings: Settings, webhooks: bool = True) -> dict[str, Any]:
                                     "schema": {"$ref": "#/components/schemas/Accepted"}
                                 }
                             },
+                            "links": job_links,
                         },
                         # Also for requests this schema lets through: whether bytes are an
                         # image, a model is published or a callback's address allowed is
