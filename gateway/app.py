@@ -395,7 +395,7 @@ async def _feedback_label(request: Request) -> str:
 
 async def list_models(request: Request) -> Response:
     """``GET /v1/models``: the registry, as ``batchery models list --json``, each version with
-    the live workers that can serve it, by kind (``workers``: ``full``, ``lite``)."""
+    the live worker processes that can serve it, by kind (``workers``: ``full``, ``lite``)."""
     gw: Gateway = request.app.state.gateway
     await gw.authorize(request)
     try:
