@@ -15,8 +15,9 @@ from producer.registry import Registry
 from producer.settings import Settings
 
 
-def as_json(found: VersionReport) -> dict[str, Any]:
-    """One version's report, JSON-ready (``batchery monitor --json``)."""
+def as_json(found: VersionReport, low_under: float) -> dict[str, Any]:
+    """One version's report, JSON-ready (``batchery monitor --json``); ``low_under``: the
+    top-1 score under which an answer counts as low confidence."""
     live, baseline, accuracy = found.live, found.baseline, found.accuracy
     compared, agreed = live.counts.get("compared", 0), live.counts.get("agree", 0)
     worked = live.jobs + live.counts.get("err", 0)
@@ -28,7 +29,7 @@ def as_json(found: VersionReport) -> dict[str, Any]:
         "errors": live.counts.get("err", 0),
         "since": live.since,
         "low_confidence": found.low_confidence,
-        "low_confidence_under": None,
+        "low_confidence_under": low_under,
         "class_mix": _shares(live.distribution("c"), live.jobs),
         # A shadow's or canary's answers compared with the served version's on the same jobs.
         "agreement": {"compared": compared, "rate": agreed / compared if compared else None},
@@ -37,7 +38,7 @@ def as_json(found: VersionReport) -> dict[str, Any]:
             "source": found.baseline_source,
             "jobs": baseline.jobs if baseline else 0,
             "class_mix": _shares(baseline.distribution("c"), baseline.jobs) if baseline else {},
-            "low_confidence": None,
+            "low_confidence": baseline.low_confidence(low_under) if baseline else None,
         },
         "drift": [
             {
@@ -64,16 +65,8 @@ def collect(
 ) -> list[dict[str, Any]]:
     """``batchery monitor``'s rows: each version that answered jobs in the look-back, and
     each promoted one (producer.monitoring.reports)."""
-    rows = []
-    for found in reports(client, registry, settings, name):
-        row = as_json(found)
-        row["low_confidence_under"] = settings.low_confidence
-        if found.baseline is not None:
-            row["baseline"]["low_confidence"] = found.baseline.low_confidence(
-                settings.low_confidence
-            )
-        rows.append(row)
-    return rows
+    return [as_json(found, settings.low_confidence)
+            for found in reports(client, registry, settings, name)]  # fmt: skip
 
 
 def render(rows: list[dict[str, Any]]) -> str:

@@ -3,9 +3,15 @@
 from __future__ import annotations
 
 import io
+import os
+import shutil
 import struct
+import subprocess
+import sys
 import time
 import zlib
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -13,8 +19,9 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from batchery.local import WorkerProcess
+from batchery.local import RedisServer, WorkerProcess
 from producer.client import Client
+from producer.settings import Settings
 
 ROOT = Path(__file__).resolve().parent.parent
 DIGITS = ROOT / "examples" / "digits"
@@ -93,6 +100,31 @@ def wait_until_serving(client: Client, worker: WorkerProcess, timeout: float = 2
         worker.check_alive()
         assert time.monotonic() < deadline, f"worker did not answer within {timeout:g} s"
         time.sleep(0.2)
+
+
+@contextmanager
+def worker_on_own_registry(tmp: Path) -> Iterator[tuple[Client, dict[str, str]]]:
+    """A redis-server and a serving worker (one pool process, registry re-read every 0.2 s)
+    on a copy of models/ under ``tmp``: a client, and the environment a ``batchery``
+    command needs to reach both (see :func:`batchery_cli`)."""
+    shutil.copytree(ROOT / "models", tmp / "models")
+    env = {"BATCHERY_MODEL_DIR": str(tmp / "models"), "BATCHERY_MODEL_WATCH_S": "0.2"}
+    with (
+        RedisServer() as redis_server,
+        WorkerProcess(
+            redis_server.url, "--concurrency", "1", "--batch-size", "64", env=env
+        ) as worker,
+    ):
+        settings = Settings(redis_url=redis_server.url, model_dir=tmp / "models")
+        with Client(settings=settings) as client:
+            wait_until_serving(client, worker)
+            yield client, {**os.environ, **env, "BATCHERY_REDIS_URL": redis_server.url}
+
+
+def batchery_cli(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
+    """``batchery ARGS...`` run as a user would, in ``env``; its output captured."""
+    return subprocess.run([sys.executable, "-m", "batchery.cli", *args], env=env, cwd=ROOT,
+                          capture_output=True, text=True, timeout=300)  # fmt: skip
 
 
 def peak_rss_kib() -> int:

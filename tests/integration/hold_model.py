@@ -15,7 +15,7 @@ import os
 import time
 from pathlib import Path
 
-from tests.integration.trap_model import LABELS, SHIPPED
+from tests.integration.trap_model import LABELS, shipped_behind
 
 __all__ = ["HOLD_ENV", "LABELS", "Hold", "build"]
 
@@ -48,14 +48,7 @@ HOLD = lambda x: __import__("tensorflow").ensure_shape(  # noqa: E731
 
 def build(path: Path) -> Path:
     """Write the hold model to ``path`` (a ``.keras`` file)."""
-    from worker.models import tensorflow
-
-    tf = tensorflow()
-    shipped = tf.keras.models.load_model(SHIPPED, compile=False)
-    inputs = tf.keras.Input((28, 28, 1))
-    outputs = shipped(tf.keras.layers.Lambda(HOLD, output_shape=(28, 28, 1))(inputs))
-    tf.keras.Model(inputs, outputs).save(path)
-    return path
+    return shipped_behind(HOLD, path)
 
 
 class Hold:

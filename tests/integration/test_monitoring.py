@@ -5,10 +5,6 @@ of the baseline's own distribution."""
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -16,13 +12,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from batchery.local import RedisServer, WorkerProcess
 from bench.drift import halves, png
 from producer.client import Client
 from producer.registry import BASELINE_FILE
-from producer.settings import Settings
 from producer.wire import MONITOR_KEY_PREFIX
-from tests.factories import wait_until_serving
+from tests.factories import batchery_cli, worker_on_own_registry
 
 pytestmark = pytest.mark.integration
 ROOT = Path(__file__).resolve().parents[2]
@@ -30,24 +24,11 @@ ROOT = Path(__file__).resolve().parents[2]
 
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Client, dict[str, str]]]:
-    tmp = tmp_path_factory.mktemp("monitoring")
-    shutil.copytree(ROOT / "models", tmp / "models")
-    env = {"BATCHERY_MODEL_DIR": str(tmp / "models"), "BATCHERY_MODEL_WATCH_S": "0.2"}
-    with (
-        RedisServer() as redis_server,
-        WorkerProcess(
-            redis_server.url, "--concurrency", "1", "--batch-size", "64", env=env
-        ) as worker,
-    ):
-        settings = Settings(redis_url=redis_server.url, model_dir=tmp / "models")
-        with Client(settings=settings) as client:
-            wait_until_serving(client, worker)
-            yield client, {**os.environ, **env, "BATCHERY_REDIS_URL": redis_server.url}
+    with worker_on_own_registry(tmp_path_factory.mktemp("monitoring")) as found:
+        yield found
 
 
-def batchery(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "batchery.cli", *args], env=env, cwd=ROOT,
-                          capture_output=True, text=True, timeout=300)  # fmt: skip
+batchery = batchery_cli
 
 
 def forget_windows(client: Client) -> None:

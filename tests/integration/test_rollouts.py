@@ -4,8 +4,6 @@ promoted after N jobs, shadow answers never returned, jobs naming a version neve
 
 from __future__ import annotations
 
-import os
-import shutil
 import subprocess
 import sys
 import time
@@ -14,12 +12,10 @@ from pathlib import Path
 
 import pytest
 
-from batchery.local import RedisServer, WorkerProcess
 from producer.client import Client
 from producer.registry import Registry
 from producer.rollout import history
-from producer.settings import Settings
-from tests.factories import digit_paths, label_of, wait_until_serving
+from tests.factories import batchery_cli, digit_paths, label_of, worker_on_own_registry
 
 pytestmark = pytest.mark.integration
 ROOT = Path(__file__).resolve().parents[2]
@@ -30,31 +26,17 @@ TRUTH = [label_of(p) for p in digit_paths()]
 
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Client, dict[str, str]]]:
-    tmp = tmp_path_factory.mktemp("rollouts")
-    shutil.copytree(ROOT / "models", tmp / "models")
-    env = {"BATCHERY_MODEL_DIR": str(tmp / "models"), "BATCHERY_MODEL_WATCH_S": "0.2"}
-    with (
-        RedisServer() as redis_server,
-        WorkerProcess(
-            redis_server.url, "--concurrency", "1", "--batch-size", "64", env=env
-        ) as worker,
-    ):
-        full = {**os.environ, **env, "BATCHERY_REDIS_URL": redis_server.url}
+    with worker_on_own_registry(tmp_path_factory.mktemp("rollouts")) as (client, env):
         # Version 4: the served weights with their labels permuted (a broken retrain);
         # version 5: the served weights as they are (a good one).
         for labels in ("1,2,3,4,5,6,7,8,9,0", "0,1,2,3,4,5,6,7,8,9"):
-            done = batchery(full, "models", "publish", str(WEIGHTS), "--name", "mnist-cnn",
+            done = batchery(env, "models", "publish", str(WEIGHTS), "--name", "mnist-cnn",
                             "--labels", labels)  # fmt: skip
             assert done.returncode == 0, done.stderr
-        settings = Settings(redis_url=redis_server.url, model_dir=tmp / "models")
-        with Client(settings=settings) as client:
-            wait_until_serving(client, worker)
-            yield client, full
+        yield client, env
 
 
-def batchery(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "batchery.cli", *args], env=env, cwd=ROOT,
-                          capture_output=True, text=True, timeout=300)  # fmt: skip
+batchery = batchery_cli
 
 
 def watcher(env: dict[str, str], *args: str) -> subprocess.Popen[str]:

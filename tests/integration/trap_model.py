@@ -9,6 +9,7 @@ model does. MNIST digits have black corners, so only the crafted images trip it.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from PIL import Image
@@ -40,12 +41,17 @@ TRAP = lambda x: __import__("tensorflow").ensure_shape(  # noqa: E731
 
 def build(path: Path) -> Path:
     """Write the trap model to ``path`` (a ``.keras`` file)."""
+    return shipped_behind(TRAP, path)
+
+
+def shipped_behind(layer: Any, path: Path) -> Path:
+    """The shipped CNN behind a ``Lambda`` of ``layer``, written to ``path`` (``.keras``)."""
     from worker.models import tensorflow
 
     tf = tensorflow()
     shipped = tf.keras.models.load_model(SHIPPED, compile=False)
     inputs = tf.keras.Input((28, 28, 1))
-    outputs = shipped(tf.keras.layers.Lambda(TRAP, output_shape=(28, 28, 1))(inputs))
+    outputs = shipped(tf.keras.layers.Lambda(layer, output_shape=(28, 28, 1))(inputs))
     tf.keras.Model(inputs, outputs).save(path)
     return path
 

@@ -5,8 +5,6 @@
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import json
 from collections.abc import Iterator
 from pathlib import Path
@@ -42,6 +40,7 @@ from producer.wire import (
     result_key,
 )
 from tests.factories import digit_paths
+from tests.unit.asgi import AsgiGateway
 
 ROOT = Path(__file__).resolve().parents[2]
 MODELS = ROOT / "models"
@@ -234,33 +233,8 @@ def keys(tmp_path: Path) -> dict[str, str]:
     return {"alice": alice, "bob": bob}
 
 
-class Http:
-    """Requests to the gateway's ASGI app, run on one event loop (the app's lifespan too)."""
-
-    def __init__(self, app: Any) -> None:
-        self.loop = asyncio.new_event_loop()
-        self.stack = contextlib.AsyncExitStack()
-        inner = app.app  # inside the Guard
-
-        async def start() -> httpx.AsyncClient:
-            await self.stack.enter_async_context(inner.router.lifespan_context(inner))
-            transport = httpx.ASGITransport(app=app)
-            return await self.stack.enter_async_context(
-                httpx.AsyncClient(transport=transport, base_url="http://gateway")
-            )
-
-        self.client = self.loop.run_until_complete(start())
-
-    def request(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
-        return self.loop.run_until_complete(self.client.request(method, path, **kwargs))
-
-    def close(self) -> None:
-        self.loop.run_until_complete(self.stack.aclose())
-        self.loop.close()
-
-
 @pytest.fixture
-def http(server, tmp_path, keys, monkeypatch) -> Iterator[Http]:
+def http(server, tmp_path, keys, monkeypatch) -> Iterator[AsgiGateway]:
     """The gateway as an ASGI app on fakeredis, with API keys on."""
     from gateway import app as gateway_app
 
@@ -271,12 +245,12 @@ def http(server, tmp_path, keys, monkeypatch) -> Iterator[Http]:
     monkeypatch.setattr(connections, "async_client",
                         lambda *a, **k: fakeredis.FakeAsyncRedis(server=server))  # fmt: skip
     settings = Settings(model_dir=MODELS, api_keys=tmp_path / "keys")
-    gateway = Http(gateway_app.create_app(settings, webhooks=False))
+    gateway = AsgiGateway(gateway_app.create_app(settings, webhooks=False))
     yield gateway
     gateway.close()
 
 
-def post(http: Http, job_id: str, body: Any, key: str | None,
+def post(http: AsgiGateway, job_id: str, body: Any, key: str | None,
          content_type: str = "application/json") -> httpx.Response:  # fmt: skip
     headers = {"Content-Type": content_type}
     if key is not None:

@@ -5,7 +5,6 @@ and the workers' ``batchery_top1_score`` histogram, observed in ``BatchRunner.re
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import math
 import shutil
 import threading
@@ -15,7 +14,6 @@ from pathlib import Path
 from typing import Any
 
 import fakeredis
-import httpx
 import numpy as np
 import pytest
 import redis
@@ -43,6 +41,7 @@ from producer.wire import (
     live_baseline_key,
 )
 from tests.factories import Request, corrupt_png, digit_paths
+from tests.unit.asgi import AsgiGateway
 
 ROOT = Path(__file__).resolve().parents[2]
 MODEL = "mnist-cnn"
@@ -264,36 +263,8 @@ def test_a_read_stuck_on_redis_does_not_hold_the_gateways_shutdown() -> None:
     assert asyncio.run(main()) < 1.0
 
 
-class Gateway:
-    """The gateway's ASGI app on fakeredis, its lifespan running on one event loop."""
-
-    def __init__(self, app: Any) -> None:
-        self.loop = asyncio.new_event_loop()
-        self.stack = contextlib.AsyncExitStack()
-        inner = app.app  # inside the Guard
-
-        async def start() -> httpx.AsyncClient:
-            await self.stack.enter_async_context(inner.router.lifespan_context(inner))
-            transport = httpx.ASGITransport(app=app)
-            return await self.stack.enter_async_context(
-                httpx.AsyncClient(transport=transport, base_url="http://gateway")
-            )
-
-        self.client = self.loop.run_until_complete(start())
-
-    def get(self, path: str) -> httpx.Response:
-        return self.loop.run_until_complete(self.client.get(path))
-
-    def wait(self, seconds: float) -> None:
-        self.loop.run_until_complete(asyncio.sleep(seconds))
-
-    def close(self) -> None:
-        self.loop.run_until_complete(self.stack.aclose())
-        self.loop.close()
-
-
 @pytest.fixture
-def gateway(registry: Registry, monkeypatch: pytest.MonkeyPatch) -> Iterator[Gateway]:
+def gateway(registry: Registry, monkeypatch: pytest.MonkeyPatch) -> Iterator[AsgiGateway]:
     from gateway import app as gateway_app
 
     server = fakeredis.FakeServer()
@@ -307,12 +278,12 @@ def gateway(registry: Registry, monkeypatch: pytest.MonkeyPatch) -> Iterator[Gat
     monkeypatch.setattr(gateway_app, "Client", sync_client)
     monkeypatch.setattr(connections, "async_client",
                         lambda *a, **k: fakeredis.FakeAsyncRedis(server=server))  # fmt: skip
-    app = Gateway(gateway_app.create_app(Settings(model_dir=registry.root), webhooks=False))
+    app = AsgiGateway(gateway_app.create_app(Settings(model_dir=registry.root), webhooks=False))
     yield app
     app.close()
 
 
-def test_the_gateway_serves_the_figures_on_metrics(gateway: Gateway) -> None:
+def test_the_gateway_serves_the_figures_on_metrics(gateway: AsgiGateway) -> None:
     """`batchery serve` reads the figures as it starts, then every 30 s; /metrics reports
     them."""
     deadline = time.monotonic() + 10
