@@ -1,4 +1,5 @@
-"""The ``batchery`` command. Worker and training subcommands import the worker lazily."""
+"""The ``batchery`` command. Worker and training subcommands import the worker lazily; what
+talks to Redis loads after ``main`` has set its Ctrl-C handler (see ``producer.stopping``)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,6 @@ import sys
 from dataclasses import replace
 from pathlib import Path
 
-from batchery import rollouts
 from producer.errors import BatcheryError, ConfigError
 from producer.registry import PROMOTED_FILE, ModelInfo, Registry
 from producer.settings import Settings
@@ -204,6 +204,8 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.add_argument("name", metavar="NAME")
     p.add_argument("version", nargs="?", metavar="VERSION", help="one version (default: all)")
+    from batchery import rollouts
+
     rollouts.add_parsers(msub)
     p = msub.add_parser("evaluate", help="accuracy and confusion matrix on DATA_DIR/<label>/*")
     p.add_argument("model", metavar="NAME[@VERSION]")
@@ -309,15 +311,20 @@ def _job_control(p: argparse.ArgumentParser, priority: str) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     """Run ``batchery``; return the exit status."""
-    args = _parser().parse_args(argv)
-    try:
-        settings = Settings.from_env()
-        return _COMMANDS[args.command](args, settings)
-    except BatcheryError as exc:
-        print(f"batchery: error: {exc}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        return 130
+    from producer.stopping import interrupts_noted
+
+    with interrupts_noted() as interrupted:
+        try:
+            args = _parser().parse_args(argv)
+            settings = Settings.from_env()
+            if interrupted.is_set():  # a Ctrl-C while loading, which Python dropped
+                return 130
+            return _COMMANDS[args.command](args, settings)
+        except BatcheryError as exc:
+            print(f"batchery: error: {exc}", file=sys.stderr)
+            return 1
+        except KeyboardInterrupt:
+            return 130
 
 
 def _worker(args: argparse.Namespace, settings: Settings) -> int:
@@ -464,6 +471,7 @@ def _models(args: argparse.Namespace, settings: Settings) -> int:
 
     action = args.models_command
     if action in ("shadow", "canary", "history"):
+        from batchery import rollouts
         from producer.client import Client
 
         with Client(settings=settings) as client:

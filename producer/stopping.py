@@ -6,6 +6,11 @@ garbage collector) is printed as "Exception ignored" and dropped: the interrupt 
 and a loop goes on. So the handler also sets a flag that the command's loop checks: the
 exception stops a blocking call at once, the flag stops the loop even if the exception
 was swallowed.
+
+A Ctrl-C can also land before a command's own handler is set, while it loads its modules,
+and an import's clean-up callback drops it just the same. So the command notes interrupts
+from its first line (:func:`interrupts_noted`), and a ``stop_on_signals`` entered later
+starts out stopped when one came.
 """
 
 from __future__ import annotations
@@ -16,12 +21,40 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
+#: The events of the :func:`interrupts_noted` blocks now open (innermost last).
+_noted: list[threading.Event] = []
+
+
+@contextmanager
+def interrupts_noted() -> Iterator[threading.Event]:
+    """An event set by any SIGINT from here to the block's end, as well as the usual
+    ``KeyboardInterrupt``: set even when Python dropped the exception. A command checks it
+    once loaded; :func:`stop_on_signals` inside the block starts stopped if it is set. The
+    previous handler comes back on exit; outside the main thread nothing is noted."""
+    noted = threading.Event()
+    if threading.current_thread() is not threading.main_thread():
+        yield noted
+        return
+
+    def interrupt(signum: int, frame: Any) -> None:
+        noted.set()
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGINT, interrupt)
+    _noted.append(noted)
+    try:
+        yield noted
+    finally:
+        _noted.remove(noted)
+        signal.signal(signal.SIGINT, previous)
+
 
 @contextmanager
 def stop_on_signals(*signums: int) -> Iterator[threading.Event]:
     """An event set by the first of ``signums`` (SIGINT and SIGTERM by default), which also
-    raise ``KeyboardInterrupt``; the previous handlers come back on exit. Outside the main
-    thread (where no handler can be set) the event is never set."""
+    raise ``KeyboardInterrupt``; the previous handlers come back on exit. Set from the start
+    if an enclosing :func:`interrupts_noted` saw a Ctrl-C. Outside the main thread (where no
+    handler can be set) the event is never set."""
     stop = threading.Event()
     if threading.current_thread() is not threading.main_thread():
         yield stop
@@ -29,8 +62,12 @@ def stop_on_signals(*signums: int) -> Iterator[threading.Event]:
 
     def interrupt(signum: int, frame: Any) -> None:
         stop.set()
+        for noted in _noted:
+            noted.set()
         raise KeyboardInterrupt
 
+    if any(noted.is_set() for noted in _noted):
+        stop.set()  # a Ctrl-C came while the command was loading
     wanted = signums or (signal.SIGINT, signal.SIGTERM)
     previous = {signum: signal.signal(signum, interrupt) for signum in wanted}
     try:

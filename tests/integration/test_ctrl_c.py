@@ -224,6 +224,44 @@ def test_serve_stops_on_a_ctrl_c_python_dropped(redis_server: RedisServer) -> No
     assert not answers(f"http://127.0.0.1:{port}/healthz")
 
 
+@pytest.mark.timeout(60)
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")  # the drop
+def test_serve_stops_on_a_ctrl_c_python_dropped_while_it_loads(
+    redis_server: RedisServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A Ctrl-C that lands in an import's clean-up callback before the command has set its
+    handler (a CI run's ``serve`` at 0.15 s went on serving): ``main`` notes it from its first
+    line, and the command exits 130 without serving."""
+    from batchery import cli
+
+    port, done, served = free_port(), threading.Event(), []
+    parser = cli._parser
+
+    def parser_then_interrupted() -> Any:
+        InterruptedWhileCollected()  # collected at once: the Ctrl-C lands in its __del__
+        return parser()
+
+    def stopped_if_serving() -> None:
+        deadline = time.monotonic() + 20
+        while not done.is_set() and time.monotonic() < deadline:
+            if answers(f"http://127.0.0.1:{port}/healthz"):
+                served.append(True)
+                os.kill(os.getpid(), signal.SIGINT)  # a real one, so the test ends
+                return
+            time.sleep(0.05)
+
+    monkeypatch.setattr(cli, "_parser", parser_then_interrupted)
+    monkeypatch.setenv("BATCHERY_REDIS_URL", redis_server.url)
+    threading.Thread(target=stopped_if_serving, daemon=True).start()
+    try:
+        status = cli.main(["serve", "--port", str(port), "--loglevel", "warning"])
+    finally:
+        done.set()
+    assert not served, "it went on to serve after a Ctrl-C dropped while it loaded"
+    assert status == 130
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # given back
+
+
 # --- demo --serve ---------------------------------------------------------------------------
 
 

@@ -12,6 +12,7 @@ import pytest
 
 from batchery import status
 from batchery.stopping import stop_on_signals
+from producer.stopping import interrupts_noted
 
 
 class InterruptedWhileCollected:
@@ -34,6 +35,18 @@ def test_a_ctrl_c_dropped_in_a_finalizer_still_sets_the_flag() -> None:
         reading()
         assert stop.is_set()
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # given back
+
+
+def test_a_ctrl_c_dropped_while_a_command_loads_stops_it_once_it_starts() -> None:
+    """Noted from ``main``'s first line: the command's own stop starts out set."""
+    with interrupts_noted() as noted:
+        reading()  # the Ctrl-C lands in a finalizer before the command's handler is set
+        assert noted.is_set()
+        with stop_on_signals() as stop:
+            assert stop.is_set()
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # given back
+    with stop_on_signals() as stop:
+        assert not stop.is_set()  # the next command starts afresh
 
 
 @pytest.mark.timeout(10)
