@@ -222,6 +222,8 @@ def create_app(settings: Settings) -> Celery:
         task_ignore_result=True,
         worker_prefetch_multiplier=max(1, prefetch),
         worker_concurrency=settings.concurrency,
+        # Celery's prefork pool, whose warm shutdown waits for every batch sent (worker.prefork).
+        worker_pool="worker.prefork:TaskPool",
         # Loading TensorFlow and a model takes longer than Celery's default 4 s.
         worker_proc_alive_timeout=300,
         broker_connection_retry_on_startup=True,
