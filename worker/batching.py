@@ -179,6 +179,9 @@ class Held:
         simple = SimpleRequest.from_request(self.request)
         if self.jobs is not None and (start, end) != (0, self.size):
             simple.kwargs = {**simple.kwargs, "jobs": self.jobs[start:end]}
+            # Celery's request_dict holds the whole message's kwargs too: left there, every
+            # part would carry (and pickle to its pool process) all of the message's jobs.
+            simple.request_dict = {**(simple.request_dict or {}), "kwargs": simple.kwargs}
         # Read by worker.tasks: a whole message is struck off the ledger (and its jobs off the
         # backlog) with its results; a split one by the main process once every part is
         # stored (DynamicBatches.settle_split): its last part to start may finish first.

@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 
-from producer.wire import PRIORITIES, Job, jobs_to_kwargs
+from producer.wire import PRIORITIES, Job, job_ids_in, jobs_to_kwargs
 from worker.batching import DynamicBatches
 
 
@@ -182,7 +182,7 @@ def pooled(monkeypatch: Any, slots: int, batch_size: int, budget_s: float = 0.0)
     from worker.batching import request_kwargs
 
     def simple(request: Any) -> SimpleNamespace:
-        return SimpleNamespace(id=request.id, kwargs=request_kwargs(request))
+        return SimpleNamespace(id=request.id, kwargs=request_kwargs(request), request_dict={})
 
     monkeypatch.setattr("worker.batching.SimpleRequest.from_request", simple)
     task = DynamicBatches()
@@ -443,3 +443,33 @@ def test_a_worker_shutting_down_starts_no_batch_and_takes_no_message(monkeypatch
     monkeypatch.setattr(state, "should_stop", 0)
     pool.done(0)  # a pool process is free, work is buffered: nothing more starts
     assert len(pool.batches) == 2
+
+
+def test_a_part_carries_its_own_jobs_only_to_its_pool_process() -> None:
+    """Celery's request also keeps the message's kwargs (request_dict): a 64-job part of a
+    256-job message must not pickle all 256 jobs for its pool process."""
+    import pickle
+
+    from celery import Celery
+    from celery.contrib.testing.mocks import TaskMessage
+    from celery.worker.request import Request
+
+    from producer.wire import TASK_CLASSIFY
+    from worker.batching import Held
+
+    app = Celery("parts")
+
+    @app.task(name=TASK_CLASSIFY)
+    def task(requests: Any) -> None: ...
+
+    jobs = [Job(f"job-{i}", b"\x89PNG" + bytes([i % 251]) * 300) for i in range(256)]
+    message = TaskMessage(TASK_CLASSIFY, "bulk", kwargs=jobs_to_kwargs(jobs))
+    message.delivery_info, message.properties = {"routing_key": "batchery", "priority": 0}, {}
+    held = Held(Request(message, app=app, task=task, hostname="here"))
+    whole = len(pickle.dumps(held.part(0, 256)))
+    parts = [pickle.loads(pickle.dumps(held.part(i, i + 64))) for i in range(0, 256, 64)]
+    assert [job_ids_in(p.kwargs) for p in parts] == [
+        [f"job-{i}" for i in range(s, s + 64)] for s in range(0, 256, 64)
+    ]
+    for i in range(0, 256, 64):
+        assert len(pickle.dumps(held.part(i, i + 64))) < whole / 4 + 2048
