@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import base64
 import binascii
-import json
 import math
 import os
 import re
@@ -24,7 +23,31 @@ from datetime import datetime, timezone
 from typing import Any, NamedTuple, Protocol
 from urllib.parse import urlsplit
 
+import orjson
+
 from producer.errors import InvalidJobError, WireError
+
+
+def _plain(value: Any) -> Any:
+    """orjson's fallback: a NumPy scalar as the Python number it holds."""
+    item = getattr(value, "item", None)
+    if callable(item):
+        return item()
+    raise TypeError(f"{type(value).__name__} is not JSON serializable")
+
+
+def dumps_json(value: Any) -> str:
+    """JSON text for the wire (messages, result metas). orjson: about 10x the standard
+    library's speed on a message of 256 jobs, which a bulk run encodes on every push; the
+    text is compact, UTF-8 rather than \\u escapes, and the same JSON to every reader."""
+    return orjson.dumps(value, default=_plain).decode()
+
+
+def loads_json(raw: bytes | str) -> Any:
+    """Parse JSON text from the wire (orjson, as :func:`dumps_json`); ``ValueError`` if it
+    is not JSON."""
+    return orjson.loads(raw)
+
 
 #: The Celery task every message is addressed to.
 TASK_CLASSIFY = "batchery.classify"
@@ -704,7 +727,7 @@ def _build_message(
     ]
     # The body travels as JSON text, not base64 (kombu reads an envelope without
     # body_encoding as it is): image bytes are base64-encoded once on the wire, not twice.
-    body = signer.sign(payload).decode("ascii") if signer else json.dumps(payload)
+    body = signer.sign(payload).decode("ascii") if signer else dumps_json(payload)
     # argsrepr/kwargsrepr are what Celery logs: job ids only, never image bytes.
     ids = ", ".join(job.id for job in jobs[:3]) + (", ..." if len(jobs) > 3 else "")
     envelope = {
@@ -742,7 +765,7 @@ def _build_message(
             "delivery_tag": tag,
         },
     }
-    return Message(task_id, tag, json.dumps(envelope), jobs[0].priority, len(jobs), jobs[0].lane)
+    return Message(task_id, tag, dumps_json(envelope), jobs[0].priority, len(jobs), jobs[0].lane)
 
 
 @dataclass(frozen=True)
@@ -821,7 +844,7 @@ def encode_result_meta(result: JobResult) -> str:
     or FAILURE with its reason, is the ``status`` inside the result dict, so that
     ``AsyncResult(job_id).get()`` returns that dict in both cases instead of raising.
     """
-    return json.dumps(
+    return dumps_json(
         {
             "status": SUCCESS,
             "result": result.to_dict(),
@@ -836,7 +859,7 @@ def encode_result_meta(result: JobResult) -> str:
 def decode_result_meta(raw: bytes | str) -> dict[str, Any]:
     """The result dict inside a stored Celery result meta; :class:`WireError` if malformed."""
     try:
-        meta = json.loads(raw)
+        meta = loads_json(raw)
         result = meta["result"]
         if meta.get("status") == FAILURE and isinstance(result, dict) and "exc_type" in result:
             # Celery's own failure format (a plain Celery worker refused the task).

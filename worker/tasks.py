@@ -544,7 +544,8 @@ STAT_OF = {SUCCESS: "done", FAILURE: "failed", EXPIRED: "expired"}
 # job key prefixes, then key, meta, notify, counter per result. A stored result whose job's
 # record names a callback queues a webhook delivery, in the same script: no answer is stored
 # without its delivery. A result already there is kept; if it is a cancellation, this one
-# was computed for nothing (counted as cancelled_late), else it was computed twice.
+# was computed for nothing (counted as cancelled_late), else it was computed twice. A meta is
+# compact JSON (producer.wire.dumps_json), or spaced from a producer before it: both match.
 _STORE = """
 local counts = {done = 0, failed = 0, expired = 0}
 local twice, late = 0, 0
@@ -559,7 +560,7 @@ for i = 7, #ARGV, 4 do
     if tab and tab < #record then
       redis.call('XADD', KEYS[2], '*', 'job', id, 'url', string.sub(record, tab + 1))
     end
-  elseif string.find(redis.call('GET', ARGV[i]) or '', '"status": "CANCELLED"', 1, true) then
+  elseif string.find(redis.call('GET', ARGV[i]) or '', '"status": ?"CANCELLED"') then
     late = late + 1
   else
     twice = twice + 1

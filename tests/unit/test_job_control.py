@@ -139,6 +139,20 @@ def test_a_job_cancelled_while_its_batch_ran_is_counted_not_answered(runner, fak
     assert fake_redis.hget(STATS_KEY, "computed_twice") is None
 
 
+def test_a_cancellation_from_an_older_producer_is_counted_too(runner, fake_redis) -> None:
+    """Its meta, written by the standard library's json, is spaced, not compact."""
+    import json
+
+    from producer.wire import encode_result_meta, result_key
+
+    compact = encode_result_meta(JobResult.cancelled("old"))
+    fake_redis.set(result_key("old"), json.dumps(json.loads(compact)))
+    assert '"status": "CANCELLED"' in fake_redis.get(result_key("old")).decode()
+    runner.store([JobResult("old", "SUCCESS", label="7")])
+    assert int(fake_redis.hget(STATS_KEY, "cancelled_late")) == 1
+    assert fake_redis.hget(STATS_KEY, "computed_twice") is None
+
+
 # --- the CLI: cancel's exit status ---------------------------------------------------------
 
 
