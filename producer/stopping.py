@@ -49,6 +49,12 @@ def interrupts_noted() -> Iterator[threading.Event]:
         signal.signal(signal.SIGINT, previous)
 
 
+def interrupted_while_loading() -> bool:
+    """Whether an enclosing :func:`interrupts_noted` has seen a Ctrl-C: for a command that
+    loads for long (a worker imports TensorFlow) before it sets handlers of its own."""
+    return any(noted.is_set() for noted in _noted)
+
+
 @contextmanager
 def stop_on_signals(*signums: int) -> Iterator[threading.Event]:
     """An event set by the first of ``signums`` (SIGINT and SIGTERM by default), which also
@@ -66,7 +72,7 @@ def stop_on_signals(*signums: int) -> Iterator[threading.Event]:
             noted.set()
         raise KeyboardInterrupt
 
-    if any(noted.is_set() for noted in _noted):
+    if interrupted_while_loading():
         stop.set()  # a Ctrl-C came while the command was loading
     wanted = signums or (signal.SIGINT, signal.SIGTERM)
     previous = {signum: signal.signal(signum, interrupt) for signum in wanted}

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import json
 import math
 import os
 import re
@@ -30,9 +31,8 @@ from producer.errors import InvalidJobError, WireError
 
 def _plain(value: Any) -> Any:
     """orjson's fallback: a NumPy scalar as the Python number it holds."""
-    item = getattr(value, "item", None)
-    if callable(item):
-        return item()
+    if type(value).__module__ == "numpy" and getattr(value, "shape", None) == ():
+        return value.item()
     raise TypeError(f"{type(value).__name__} is not JSON serializable")
 
 
@@ -40,7 +40,13 @@ def dumps_json(value: Any) -> str:
     """JSON text for the wire (messages, result metas). orjson: about 10x the standard
     library's speed on a message of 256 jobs, which a bulk run encodes on every push; the
     text is compact, UTF-8 rather than \\u escapes, and the same JSON to every reader."""
-    return orjson.dumps(value, default=_plain).decode()
+    try:
+        return orjson.dumps(value, default=_plain).decode()
+    except orjson.JSONEncodeError:
+        # A str orjson refuses (a lone surrogate: a file name that is not UTF-8, which
+        # os.walk hands over so): the standard library escapes it, as it always did, and the
+        # job fails alone where it is checked, not the whole push.
+        return json.dumps(value, default=_plain)
 
 
 def loads_json(raw: bytes | str) -> Any:

@@ -30,6 +30,7 @@ from producer.errors import BatcheryError, ConfigError
 from producer.ledger import backlog_jobs, settle
 from producer.registry import ModelInfo, Registry
 from producer.settings import Settings, redact_url
+from producer.stopping import interrupted_while_loading
 from producer.wire import (
     LANES,
     TASK_CLASSIFY,
@@ -309,6 +310,8 @@ def set_up_signing(app: Celery, settings: Settings) -> None:
 def run_worker(settings: Settings, loglevel: str = "INFO") -> None:
     """Run a Celery worker for ``settings`` in the foreground (``batchery worker``)."""
     check_libraries()
+    if interrupted_while_loading():  # a Ctrl-C Python dropped while TensorFlow loaded
+        raise KeyboardInterrupt
     kind = worker_kind(settings.worker_kind)
     lanes = LANES if kind == "full" else ("lite",)
     logging.getLogger(__name__).info(

@@ -1,10 +1,11 @@
 """The library versions whose insides Batchery relies on, checked when a worker starts.
 
-Batchery overrides private parts of kombu's Redis transport (``worker.transport``) and of
-celery-batches (``worker.batching``), and sets kombu options that older releases ignore
-without a word (``unacked_restore_interval``: without it a lost worker's messages come back
-after ~100 s instead of ~1 s). A worker on other versions refuses to start and says which
-it needs, rather than running on assumptions that no longer hold.
+Batchery overrides private parts of kombu's Redis transport (``worker.transport``), of
+celery-batches (``worker.batching``) and of Celery's prefork pool (``worker.prefork``), and
+sets kombu options that older releases ignore without a word (``unacked_restore_interval``:
+without it a lost worker's messages come back after ~100 s instead of ~1 s). A worker on
+other versions refuses to start and says which it needs, rather than running on assumptions
+that no longer hold.
 """
 
 from __future__ import annotations
@@ -56,6 +57,11 @@ def check_libraries() -> None:
              "Strategy", "flush", "_do_flush", "_buffer", "_tref", "_pool")  # fmt: skip
     _require(SimpleRequest, "celery_batches.SimpleRequest", "from_request")
     _require(trace, "celery_batches.trace", "apply_batches_task")
+    from celery.concurrency import asynpool
+
+    # worker.prefork: its flush at a warm shutdown.
+    _require(asynpool.AsynPool, "celery.concurrency.asynpool.AsynPool",
+             "flush", "_flush_writer", "outbound_buffer", "synack", "_active_writers")  # fmt: skip
 
 
 def _require(owner: Any, name: str, *attributes: str) -> None:

@@ -49,6 +49,26 @@ def test_a_ctrl_c_dropped_while_a_command_loads_stops_it_once_it_starts() -> Non
         assert not stop.is_set()  # the next command starts afresh
 
 
+def test_a_worker_that_saw_a_ctrl_c_while_it_loaded_never_starts(monkeypatch) -> None:
+    """TensorFlow takes seconds to import: a Ctrl-C Python drops there (in an import's
+    clean-up) is noted, and the worker exits 130 instead of starting Celery."""
+    from batchery import cli
+    from worker import app
+
+    started: list[bool] = []
+    check = app.check_libraries
+
+    def check_then_interrupted() -> None:
+        check()
+        reading()  # the Ctrl-C lands in a finalizer: Python drops the KeyboardInterrupt
+
+    monkeypatch.setattr(app, "check_libraries", check_then_interrupted)
+    monkeypatch.setattr(app, "_start", lambda *args: started.append(True))
+    assert cli.main(["worker"]) == 130
+    assert not started
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # given back
+
+
 @pytest.mark.timeout(10)
 def test_status_watch_stops_on_a_ctrl_c_python_dropped(monkeypatch) -> None:
     monkeypatch.setattr(status, "collect", reading)

@@ -68,6 +68,29 @@ def test_message_is_a_celery_protocol_2_task_in_kombus_redis_envelope() -> None:
     assert jobs[0].to_wire()["image"] not in envelope["headers"]["kwargsrepr"]
 
 
+def test_a_path_that_is_not_utf8_still_goes_on_the_wire() -> None:
+    """os.walk hands a non-UTF-8 file name over with lone surrogates, which orjson refuses:
+    the message is still written (escaped, as the standard library always did), so the
+    worker fails that job alone rather than the producer its whole push."""
+    odd = Job(id="odd", image=b"", path="/data/in/\udcff.png")
+    envelope = json.loads(encode_message([make_job(1), odd], "batchery"))
+    sent = json.loads(envelope["body"])[1]["jobs"]
+    assert Job.from_wire(sent[0]) == make_job(1)
+    assert sent[1]["path"] == odd.path
+    with pytest.raises(WireError, match="control characters"):  # the worker fails it alone
+        Job.from_wire(sent[1])
+
+
+def test_numpy_scalars_go_on_the_wire_as_numbers_and_arrays_do_not() -> None:
+    import numpy as np
+
+    from producer.wire import dumps_json
+
+    assert json.loads(dumps_json({"s": np.float32(0.5), "n": np.int64(3)})) == {"s": 0.5, "n": 3}
+    with pytest.raises(TypeError):
+        dumps_json({"a": np.zeros(1)})
+
+
 def test_a_single_job_message_uses_the_job_id_as_task_id() -> None:
     envelope = json.loads(encode_message([make_job(5)], "q"))
     assert envelope["headers"]["id"] == "job-5"
