@@ -184,9 +184,11 @@ class WorkerProcess:
         *args: str,
         env: dict[str, str] | None = None,
         log_path: Path | None = None,
+        module: str = "batchery.cli",
     ) -> None:
         self.redis_url = redis_url
         self.args = args
+        self.module = module  # the command's module (an older checkout's: producer.cli)
         self.env = {**os.environ, **(env or {}), "BATCHERY_REDIS_URL": redis_url}
         self.log_path = log_path or Path(
             tempfile.mkstemp(prefix="batchery-worker-", suffix=".log")[1]
@@ -197,7 +199,7 @@ class WorkerProcess:
         """Start the worker in its own process group."""
         with self.log_path.open("ab") as log:
             self.process = subprocess.Popen(
-                [sys.executable, "-m", "batchery.cli", "worker", *self.args],
+                [sys.executable, "-m", self.module, "worker", *self.args],
                 env=self.env,
                 stdout=log,
                 stderr=subprocess.STDOUT,

@@ -320,7 +320,7 @@ def run_lone(client: Client, paths: list[Path], n: int = 200) -> Row:
 
 def run_bulk(
     url: str, folder: Path, n: int, env: dict[str, str], model: ModelInfo | None = None,
-    flags: tuple[str, ...] = (), cwd: Path = ROOT,
+    flags: tuple[str, ...] = (), cwd: Path = ROOT, cli: str = "batchery.cli",
 ) -> tuple[Row, int]:  # fmt: skip
     """(d) `batchery classify` over the files; returns the row and the producer's peak RSS.
 
@@ -328,7 +328,7 @@ def run_bulk(
     ``classify`` as they are."""
     out = folder.parent / "bulk.jsonl"
     out.unlink(missing_ok=True)
-    cmd = [sys.executable, "-m", "batchery.cli", "classify", str(folder), "-o", str(out),
+    cmd = [sys.executable, "-m", cli, "classify", str(folder), "-o", str(out),
            *flags]  # fmt: skip
     if model is not None:
         cmd += ["--model", model.key]

@@ -47,6 +47,12 @@ def worktree(rev: str, workdir: Path) -> Path:
     return path
 
 
+def cli_of(root: Path) -> str:
+    """The command's module in the checkout at ``root``: ``producer.cli`` before batchery/
+    was a package of its own (so a revision's worker and classify are its own, whole)."""
+    return "batchery.cli" if (root / "batchery" / "cli.py").exists() else "producer.cli"
+
+
 def drop_worktree(path: Path) -> None:
     subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force", str(path)],
                    check=False, capture_output=True)  # fmt: skip
@@ -56,7 +62,7 @@ def serving(url: str, root: Path, env: dict[str, str], workers: int,
             extra: tuple[str, ...] = ()) -> tuple[WorkerProcess, Client]:  # fmt: skip
     """A worker of the code at ``root``, answering; and a client (this checkout's)."""
     worker = WorkerProcess(url, "--concurrency", str(workers), "--batch-size", "64", *extra,
-                           env=env).start()  # fmt: skip
+                           env=env, module=cli_of(root)).start()  # fmt: skip
     client = Client(settings=Settings(redis_url=url))
     probe = next((ROOT / "examples" / "digits").glob("*.png"))
     wait_ready(lambda: client.result(client.submit(probe), timeout=300) is not None, "worker")
@@ -83,7 +89,8 @@ def run(n: int, workers: int, against: str | None, rounds: int,
                 with RedisServer() as server:
                     worker, client = serving(server.url, root, env, workers)
                     try:
-                        row, _ = run_bulk(server.url, folder, n, env, cwd=workdir)
+                        row, _ = run_bulk(server.url, folder, n, env, cwd=workdir,
+                                          cli=cli_of(root))  # fmt: skip
                         lone = run_lone(client, paths, 200)
                     finally:
                         client.close()
