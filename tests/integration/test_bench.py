@@ -333,7 +333,8 @@ def test_the_sized_rows_are_its_runs(monkeypatch, capsys) -> None:
 
     calls = {"bulk": 0, "lone": 0}
 
-    def run_bulk(url, folder, n, env, cwd):
+    def run_bulk(url, folder, n, env, cwd, cli="batchery.cli"):
+        assert cli == "batchery.cli"  # this checkout's own command
         calls["bulk"] += 1
         return Row("(d)", n, n / (100.0 * calls["bulk"]), note=f"bulk call {calls['bulk']}"), 0
 
@@ -364,3 +365,13 @@ def test_the_sized_rows_are_its_runs(monkeypatch, capsys) -> None:
     assert calls == {"bulk": 3, "lone": 3}
     sized.main(["--images", "5", "--workers", "1", "--rounds", "1", "--no-mixed"])
     assert "budget" not in capsys.readouterr().out and calls == {"bulk": 4, "lone": 4}
+
+
+def test_a_revision_before_the_house_runs_its_own_command(tmp_path) -> None:
+    """``--against 03f60f7``: its worker and classify are producer.cli, not this batchery."""
+    from bench.sized import ROOT, cli_of
+
+    assert cli_of(ROOT) == "batchery.cli"
+    (tmp_path / "producer").mkdir()
+    (tmp_path / "producer" / "cli.py").write_text("")
+    assert cli_of(tmp_path) == "producer.cli"
