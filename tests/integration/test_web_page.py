@@ -92,6 +92,12 @@ def test_dropped_and_picked_digits_show_their_labels(
     browser.set_window_size(1000, 900)
     browser.get(page.url)
     dropped, picked = digit_paths(20)[:6], digit_paths(20)[6:12]
+    # The model list fills in after the page loads and widens the row the Explain box is
+    # in: a click sent as it lays out lands where the box was (no explanation asked).
+    deadline = time.monotonic() + 30
+    while len(browser.find_elements(By.CSS_SELECTOR, "#model option")) < 2:
+        assert time.monotonic() < deadline, "the page never listed the models"
+        time.sleep(0.05)
     browser.find_element(By.ID, "explain").click()
     assert browser.find_element(By.ID, "explain").is_selected()
     drop(browser, dropped)
