@@ -3,16 +3,32 @@ talks to Redis loads after ``main`` has set its Ctrl-C handler (see ``producer.s
 
 from __future__ import annotations
 
-import argparse
-import json
-import sys
-from dataclasses import replace
-from pathlib import Path
+import signal
+import threading
 
-from producer.errors import BatcheryError, ConfigError
-from producer.registry import PROMOTED_FILE, ModelInfo, Registry
-from producer.settings import Settings
-from producer.wire import PRIORITIES
+# A Ctrl-C while this module's imports load is noted, not raised: raised inside an import,
+# CPython may drop it or turn it into another error (a TypeError out of ssl's, seen in CI).
+# main() then exits 130 at once. The previous handler is back once the imports are done.
+_interrupted_loading = threading.Event()
+_before = (
+    signal.signal(signal.SIGINT, lambda signum, frame: _interrupted_loading.set())
+    if threading.current_thread() is threading.main_thread()
+    else None
+)
+
+import argparse  # noqa: E402
+import json  # noqa: E402
+import sys  # noqa: E402
+from dataclasses import replace  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+from producer.errors import BatcheryError, ConfigError  # noqa: E402
+from producer.registry import PROMOTED_FILE, ModelInfo, Registry  # noqa: E402
+from producer.settings import Settings  # noqa: E402
+from producer.wire import PRIORITIES  # noqa: E402
+
+if _before is not None:
+    signal.signal(signal.SIGINT, _before)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -314,6 +330,8 @@ def main(argv: list[str] | None = None) -> int:
     from producer.stopping import interrupts_noted
 
     with interrupts_noted() as interrupted:
+        if _interrupted_loading.is_set():  # a Ctrl-C while this module loaded
+            return 130
         try:
             args = _parser().parse_args(argv)
             settings = Settings.from_env()

@@ -77,3 +77,27 @@ def test_status_watch_stops_on_a_ctrl_c_python_dropped(monkeypatch) -> None:
     out = io.StringIO()
     status.watch(client, 0.01, as_json=True, out=out)  # type: ignore[arg-type]
     assert out.getvalue() == ""  # stopped before a second reading was shown
+
+
+def test_a_ctrl_c_while_the_command_imports_is_noted_and_exits_130() -> None:
+    """Raised inside an import, a KeyboardInterrupt can come out as another error (a CI run:
+    a TypeError out of ssl's import, exit 1) or be dropped: while batchery.cli's imports load
+    it is only noted, and main exits 130 before doing anything."""
+    import subprocess
+    import sys
+
+    code = (
+        "import importlib.abc, os, signal, sys\n"
+        "class Interrupting(importlib.abc.MetaPathFinder):\n"
+        "    def find_spec(self, name, path, target=None):\n"
+        "        if name == 'producer.wire':\n"
+        "            os.kill(os.getpid(), signal.SIGINT)\n"
+        "        return None\n"
+        "sys.meta_path.insert(0, Interrupting())\n"
+        "from batchery.cli import main\n"
+        "sys.exit(main(['status']))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=60)  # fmt: skip
+    assert done.returncode == 130, (done.returncode, done.stderr[-2000:])
+    assert "Traceback" not in done.stderr
