@@ -31,22 +31,14 @@ def interrupts_noted() -> Iterator[threading.Event]:
     ``KeyboardInterrupt``: set even when Python dropped the exception. A command checks it
     once loaded; :func:`stop_on_signals` inside the block starts stopped if it is set. The
     previous handler comes back on exit; outside the main thread nothing is noted."""
-    noted = threading.Event()
-    if threading.current_thread() is not threading.main_thread():
-        yield noted
-        return
-
-    def interrupt(signum: int, frame: Any) -> None:
-        noted.set()
-        raise KeyboardInterrupt
-
-    previous = signal.signal(signal.SIGINT, interrupt)
-    _noted.append(noted)
-    try:
-        yield noted
-    finally:
-        _noted.remove(noted)
-        signal.signal(signal.SIGINT, previous)
+    # stop_on_signals' own SIGINT handler, whose event is also listed as noted: a
+    # stop_on_signals inside sees it.
+    with stop_on_signals(signal.SIGINT) as noted:
+        _noted.append(noted)
+        try:
+            yield noted
+        finally:
+            _noted.remove(noted)
 
 
 def interrupted_while_loading() -> bool:
