@@ -203,6 +203,10 @@ return counted
 """
 
 
+#: Seconds kombu's restore lock outlives a worker that died holding it.
+RESTORE_LOCK_S = 10
+
+
 def create_app(settings: Settings) -> Celery:
     """The worker's Celery app: JSON only, results in Redis, the batched classify task."""
     url = connections.celery_url(settings)
@@ -235,6 +239,11 @@ def create_app(settings: Settings) -> Celery:
             "visibility_timeout": settings.visibility_timeout_s,
             "unacked_restore_interval": 1,
             "unacked_restore_throttle": 1,
+            # kombu's lock around that look (one worker at a time; each restore is a WATCH
+            # transaction, so two at once are harmless): a worker killed while it holds the
+            # lock, or a Redis restarted then, would stop every restore for its default 5
+            # minutes.
+            "unacked_mutex_expire": RESTORE_LOCK_S,
             "max_message_bytes": settings.message_limit,
             "prefetch_jobs": settings.prefetch_job_limit,
             "prefetch_bytes": settings.prefetch_bytes,
