@@ -12,11 +12,13 @@ import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
@@ -78,6 +80,10 @@ def total(samples: dict, name: str, **labels: str) -> float:
     )
 
 
+COUNTED_PER_JOB = ("batchery_jobs_total", "batchery_queue_wait_seconds_count",
+                   "batchery_end_to_end_seconds_count")  # fmt: skip
+
+
 def test_metrics_add_up_to_the_jobs_sent(ops: OpsWorker) -> None:
     before = ops.scrape()
     with Client(ops.url) as client:
@@ -90,7 +96,9 @@ def test_metrics_add_up_to_the_jobs_sent(ops: OpsWorker) -> None:
     while True:
         after = ops.scrape()
         delta = {k: v - before.get(k, 0.0) for k, v in after.items()}
-        if total(delta, "batchery_jobs_total") >= 60 or time.monotonic() > deadline:
+        # The last batch's queue-wait and end-to-end observations follow its job counts.
+        counted = [total(delta, name) for name in COUNTED_PER_JOB]
+        if min(counted) >= 60 or time.monotonic() > deadline:
             break
         time.sleep(0.1)
     labels = {"model": "mnist-cnn", "version": Registry(ROOT / "models").promoted("mnist-cnn")}
@@ -182,16 +190,35 @@ def run_cli(url: str, *args: str, **kwargs: object) -> subprocess.Popen[str]:
 
 def test_status_watch_shows_live_rates_until_interrupted(ops: OpsWorker) -> None:
     watch = run_cli(ops.url, "status", "--watch", "0.3", "--json")
+    frames: list[dict[str, Any]] = []
+
+    def read() -> None:
+        assert watch.stdout is not None
+        for line in watch.stdout:
+            frames.append(json.loads(line))
+
+    def wait_for(what: str, ready: Callable[[], bool], timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while not ready():
+            assert watch.poll() is None, f"status --watch exited ({watch.returncode})"
+            assert time.monotonic() < deadline, f"{what} not shown within {timeout:g} s"
+            time.sleep(0.05)
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
     try:
-        time.sleep(1.5)  # its first reading, before the jobs
+        wait_for("a first reading", lambda: bool(frames), 60)  # before the jobs
         with Client(ops.url) as client:
             client.results(client.submit_many(digit_paths(100)), timeout=30)
-        time.sleep(1.0)
+        wait_for("the 100 jobs, over five readings",
+                 lambda: len(frames) >= 5 and frames[-1]["done"] >= frames[0]["done"] + 100,
+                 30)  # fmt: skip
     finally:
         watch.send_signal(signal.SIGINT)
-        out, err = watch.communicate(timeout=30)
-    assert watch.returncode == 0, err
-    frames = [json.loads(line) for line in out.splitlines()]
+        watch.wait(timeout=30)
+        reader.join(timeout=10)
+    assert watch.stderr is not None
+    assert watch.returncode == 0, watch.stderr.read()
     assert len(frames) >= 5
     assert max(f["jobs_per_s"] for f in frames) > 0
     assert frames[-1]["done"] >= frames[0]["done"] + 100
