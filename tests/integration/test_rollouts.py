@@ -4,6 +4,7 @@ promoted after N jobs, shadow answers never returned, jobs naming a version neve
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 import time
@@ -60,8 +61,35 @@ def served_by(results: list[dict]) -> dict[str, int]:  # type: ignore[type-arg]
     return found
 
 
-def settle(seconds: float = 0.8) -> None:
-    time.sleep(seconds)  # the worker re-reads the registry every 0.2 s
+def settle(client: Client, version: str, timeout: float = 30) -> None:
+    """Until ten jobs naming no version are all answered by ``version``: the worker has read
+    the registry's change (it looks every 0.2 s). Ten, not one: before a promotion is read,
+    a canary of the same version answers about half of them."""
+    deadline = time.monotonic() + timeout
+    while (served := served_by(answers_of(client, DIGITS[:10]))) != {version: 10}:
+        assert time.monotonic() < deadline, f"still served by {served}, not {version}"
+        time.sleep(0.05)
+
+
+def answers_of(client: Client, images: list[bytes]) -> list[dict]:  # type: ignore[type-arg]
+    return client.results(client.submit_many(images), timeout=60)
+
+
+def jobs_of(env: dict[str, str], version: str) -> int:
+    """Jobs ``version`` of mnist-cnn ran in the monitoring window (``batchery monitor``)."""
+    rows = json.loads(batchery(env, "monitor", "mnist-cnn", "--json").stdout)
+    return sum(int(row["jobs"]) for row in rows if row["version"] == version)
+
+
+def shadowing(client: Client, env: dict[str, str], version: str, timeout: float = 30) -> int:
+    """Until ``version`` runs jobs as a shadow (sent a job at a time); its count then."""
+    deadline = time.monotonic() + timeout
+    before = jobs_of(env, version)
+    while True:
+        client.result(client.submit(DIGITS[0]), timeout=60)
+        if (now := jobs_of(env, version)) > before:
+            return now
+        assert time.monotonic() < deadline, f"{version} never ran a job as a shadow"
 
 
 def run_until_done(client: Client, proc: subprocess.Popen[str], feedback: bool = False,
@@ -87,13 +115,13 @@ def test_a_shadow_runs_on_its_share_and_its_answers_are_never_returned(
     client, env = stack
     done = batchery(env, "models", "shadow", "mnist-cnn", "4", "--percent", "50")
     assert done.returncode == 0, done.stderr
-    settle()
+    probed = shadowing(client, env, "4")
     results = answers(client, rounds=3)
     assert served_by(results) == {"2": 300}  # every answer from the served version
     assert sum(r["label"] == t for r, t in zip(results, TRUTH * 3, strict=True)) >= 290
-    rows = {row["version"]: row for row in __import__("json").loads(
+    rows = {row["version"]: row for row in json.loads(
         batchery(env, "monitor", "mnist-cnn", "--json").stdout)}  # fmt: skip
-    assert 100 < rows["4"]["jobs"] < 200  # about half of 300 ran on the shadow too
+    assert 100 < jobs_of(env, "4") - probed < 200  # about half of 300 ran on the shadow too
     assert rows["4"]["agreement"]["rate"] < 0.2  # permuted labels: it disagrees
     assert batchery(env, "models", "shadow", "mnist-cnn", "--off").returncode == 0
 
@@ -128,14 +156,14 @@ def test_a_named_version_is_not_rerouted_while_a_canary_answers(
     done = batchery(env, "models", "canary", "mnist-cnn", "4", "--percent", "100",
                     "--promote-after", "100000")  # fmt: skip
     assert done.returncode == 0, done.stderr
-    settle()
+    settle(client, "4")
     try:
         assert served_by(answers(client)) == {"4": 100}  # the canary takes every unnamed job
         assert served_by(answers(client, version="2")) == {"2": 100}
         assert served_by(answers(client, version="1")) == {"1": 100}
     finally:
         assert batchery(env, "models", "canary", "mnist-cnn", "--off").returncode == 0
-    settle()
+    settle(client, "2")
     assert served_by(answers(client)) == {"2": 100}
 
 
@@ -158,6 +186,6 @@ def test_a_good_canary_is_promoted_after_n_jobs(stack: tuple[Client, dict[str, s
     out = proc.stdout.read() if proc.stdout else ""
     assert status == 0 and "promoted mnist-cnn@5" in out, out
     assert Registry(Path(env["BATCHERY_MODEL_DIR"])).promoted("mnist-cnn") == "5"
-    settle()
+    settle(client, "5")
     assert served_by(answers(client)) == {"5": 100}
     assert history(client.redis, "mnist-cnn")[0]["action"] == "promote"
