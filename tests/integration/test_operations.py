@@ -215,7 +215,11 @@ def test_status_watch_shows_live_rates_until_interrupted(ops: OpsWorker) -> None
                  30)  # fmt: skip
     finally:
         watch.send_signal(signal.SIGINT)
-        watch.wait(timeout=30)
+        try:
+            watch.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            watch.kill()
+            raise
         reader.join(timeout=10)
     assert watch.stderr is not None
     assert watch.returncode == 0, watch.stderr.read()
