@@ -92,6 +92,15 @@ class Request:
     kwargs: Any
 
 
+def wait_for(condition: Any, proc: subprocess.Popen[str], timeout: float, what: str) -> None:
+    """Until ``condition()`` holds; fails if ``proc`` exits first or ``timeout`` passes."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert proc.poll() is None, f"exited before {what}: {proc.communicate()}"
+        assert time.monotonic() < deadline, f"no {what} within {timeout:g} s"
+        time.sleep(0.02)
+
+
 def wait_until_serving(client: Client, worker: WorkerProcess, timeout: float = 240) -> None:
     """Submit one digit and wait for its answer: the worker has loaded its model."""
     job = client.submit(digit_paths(1)[0])

@@ -36,7 +36,7 @@ from batchery.local import RedisServer, WorkerProcess, free_port
 from producer import bulk
 from producer.client import Client
 from producer.settings import Settings
-from tests.factories import digit_paths, wait_until_serving
+from tests.factories import digit_paths, wait_for, wait_until_serving
 
 pytestmark = pytest.mark.integration
 
@@ -77,14 +77,6 @@ def answers(url: str) -> bool:
 
 def serving(port: int) -> Any:
     return lambda: answers(f"http://127.0.0.1:{port}/healthz")
-
-
-def wait_for(condition: Any, proc: subprocess.Popen[str], timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert proc.poll() is None, f"exited before {what}: {proc.communicate()}"
-        assert time.monotonic() < deadline, f"no {what} within {timeout:g} s"
-        time.sleep(0.02)
 
 
 class InterruptedWhileCollected:

@@ -16,7 +16,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +27,7 @@ from batchery.local import RedisServer, WorkerProcess, free_port
 from gateway.quality import EXPORTED as QUALITY
 from producer.client import Client
 from producer.registry import Registry
-from tests.factories import corrupt_png, digit_paths, wait_until_serving
+from tests.factories import corrupt_png, digit_paths, wait_for, wait_until_serving
 from worker.metrics import EXPORTED
 
 pytestmark = pytest.mark.integration
@@ -197,22 +197,14 @@ def test_status_watch_shows_live_rates_until_interrupted(ops: OpsWorker) -> None
         for line in watch.stdout:
             frames.append(json.loads(line))
 
-    def wait_for(what: str, ready: Callable[[], bool], timeout: float) -> None:
-        deadline = time.monotonic() + timeout
-        while not ready():
-            assert watch.poll() is None, f"status --watch exited ({watch.returncode})"
-            assert time.monotonic() < deadline, f"{what} not shown within {timeout:g} s"
-            time.sleep(0.05)
-
     reader = threading.Thread(target=read, daemon=True)
     reader.start()
     try:
-        wait_for("a first reading", lambda: bool(frames), 60)  # before the jobs
+        wait_for(lambda: bool(frames), watch, 60, "first reading")  # before the jobs
         with Client(ops.url) as client:
             client.results(client.submit_many(digit_paths(100)), timeout=30)
-        wait_for("the 100 jobs, over five readings",
-                 lambda: len(frames) >= 5 and frames[-1]["done"] >= frames[0]["done"] + 100,
-                 30)  # fmt: skip
+        wait_for(lambda: len(frames) >= 5 and frames[-1]["done"] >= frames[0]["done"] + 100,
+                 watch, 30, "100 jobs over five readings")  # fmt: skip
     finally:
         watch.send_signal(signal.SIGINT)
         try:
